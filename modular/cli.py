@@ -1,0 +1,87 @@
+"""`modular <command> [overrides]`: a thin command line over the packages; overrides are hydra's.
+
+User errors (bad config, missing data, corrupt checkpoints) print one line and exit non-zero;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from modular.errors import UserError
+
+USAGE = """usage: modular <command> [key=value ...]
+
+Commands:
+  info      print the composed model: layers, experts per bank, router, parameters, FLOPs per token
+            (with run.dir=DIR also writes DIR/model.json)
+
+Overrides select presets (model=tiny experts=lowrank routing=expert_choice) and set values
+(experts.num_experts=16 routing.top_k=1). Presets live in configs/<group>/*.yaml.
+Run `modular <command> --help` for a command's groups and presets.
+"""
+
+
+def run_dir(cfg, create: bool = True) -> Path:
+    """The run folder: run.dir, or runs/<name>-<timestamp>/ when not given."""
+    folder = Path(cfg.run.dir) if cfg.run.dir else Path("runs") / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def cmd_info(overrides: list[str]) -> int:
+    from modular.atomic import atomic_write_json
+    from modular.config import compose_config, to_dict
+    from modular.models import build_model
+    from modular.models.summary import format_summary, summarize
+
+    cfg = compose_config(overrides)
+    model = build_model(cfg)
+    summary = summarize(model)
+    print(format_summary(summary, cfg))
+    if cfg.run.dir:
+        out = run_dir(cfg) / "model.json"
+        atomic_write_json(out, {**summary, "config": to_dict(cfg)})
+        print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"info": cmd_info}
+
+
+def command_help(name: str) -> str:
+    from modular.config import GROUP_SCHEMAS, group_presets
+
+    lines = [f"usage: modular {name} [key=value ...]", "", "Config groups and their presets:"]
+    for group in GROUP_SCHEMAS:
+        lines.append(f"  {group:<10} {', '.join(group_presets(group))}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command '{name}'; commands are: {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in rest):
+        print(command_help(name))
+        return 0
+    try:
+        return COMMANDS[name](rest)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The expert-bank interface and registry.
+
+A bank holds E_b experts as stacked weights with a leading expert dimension, and its E_b rows of the
+router. It computes all its experts at once on tokens already sorted into per-expert segments.
+Legend: E experts in the bank, D model width, F expert hidden width, N routed rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from modular.errors import ConfigError
+
+EXPERT_REGISTRY: dict[str, type["ExpertBank"]] = {}
+
+
+def register_expert(name: str):
+    """Class decorator: make an ExpertBank subclass selectable as `experts.type=<name>`."""
+
+    def wrap(cls):
+        if not issubclass(cls, ExpertBank):
+            raise TypeError(f"{cls.__name__} must subclass modular.experts.ExpertBank to be registered")
+        EXPERT_REGISTRY[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return wrap
+
+
+class ExpertBank(nn.Module):
+    """Base class. Subclasses define their stacked weights in `__init__` and `forward(x_sorted, counts)`.
+
+    `expert_param_names` lists parameters whose leading dimension is the expert dimension: growth,
+    merging and expert parallelism slice and concatenate exactly these (plus `router_weight`).
+    """
+
+    registry_name = "bank"
+    expert_param_names: tuple[str, ...] = ()
+
+    def __init__(self, d_model: int, ffn_dim: int, num_experts: int, init_std: float = 0.02):
+        super().__init__()
+        self.d_model = d_model
+        self.ffn_dim = ffn_dim
+        self.num_experts = num_experts
+        self.init_std = init_std
+        self.backend = "torch"  # set by the MoE layer from kernels.backend
+        self.router_weight = nn.Parameter(torch.empty(num_experts, d_model))  # [E, D]: this bank's router rows
+
+    @classmethod
+    def from_config(cls, d_model: int, num_experts: int, cfg, init_std: float) -> "ExpertBank":
+        return cls(d_model, cfg.ffn_dim, num_experts, init_std)
+
+    def reset_parameters(self) -> None:
+        for p in self.parameters():
+            nn.init.normal_(p, mean=0.0, std=self.init_std)
+
+    def forward(self, x_sorted_ND: Tensor, counts_E: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def params_per_expert(self) -> int:
+        """Parameters one token's pass through one expert touches (for active-parameter counts)."""
+        return sum(getattr(self, n)[0].numel() for n in self.expert_param_names)
+
+    def shared_params(self) -> int:
+        """Parameters every routed token touches once, whichever expert of the bank (e.g. a low-rank base)."""
+        names = set(self.expert_param_names) | {"router_weight"}
+        return sum(p.numel() for n, p in self.named_parameters(recurse=False) if n not in names)
+
+    def matmul_flops_per_token(self) -> int:
+        """Forward FLOPs (2 per multiply-add) of one token through one expert, shared parts included."""
+        return 2 * (self.params_per_expert() + self.shared_params())
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, ffn_dim={self.ffn_dim}"
+
+
+def build_bank(cfg, d_model: int, num_experts: int, init_std: float) -> ExpertBank:
+    if cfg.type not in EXPERT_REGISTRY:
+        raise ConfigError(
+            f"experts.type='{cfg.type}' is unknown; registered expert types are: {', '.join(sorted(EXPERT_REGISTRY))}."
+        )
+    bank = EXPERT_REGISTRY[cfg.type].from_config(d_model, num_experts, cfg, init_std)
+    bank.reset_parameters()
+    return bank

@@ -1,0 +1,25 @@
+"""Dropless dispatch: sort (token, slot) assignments by global expert, gather rows, and combine back.
+
+permute:  assignments → order that makes each expert's rows contiguous, counts per expert, x_sorted
+combine:  expert outputs in sorted order × routing weights, summed back into token order
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def permute(x_TD: Tensor, token_idx_A: Tensor, expert_idx_A: Tensor, num_experts: int):
+    """Returns (x_sorted [A, D], sorted token ids [A], order [A], counts [E])."""
+    order = torch.argsort(expert_idx_A, stable=True)  # stable: tokens keep their order inside an expert
+    counts = torch.bincount(expert_idx_A, minlength=num_experts)
+    token_sorted = token_idx_A[order]
+    return x_TD[token_sorted], token_sorted, order, counts
+
+
+def combine(y_sorted_AD: Tensor, token_sorted_A: Tensor, weight_sorted_A: Tensor, num_tokens: int) -> Tensor:
+    """y [T, D] = Σ over a token's assignments of weight · expert output."""
+    weighted = y_sorted_AD * weight_sorted_A.unsqueeze(-1).to(y_sorted_AD.dtype)
+    out = y_sorted_AD.new_zeros(num_tokens, y_sorted_AD.shape[-1])
+    return out.index_add(0, token_sorted_A, weighted)

@@ -1,0 +1,108 @@
+"""The decoder-only language model: Llama's math, with each layer's FFN dense or a mixture of experts.
+
+Parameter names follow Hugging Face Llama (`layers.{i}.self_attn.q_proj`, `input_layernorm`, `mlp`…)
+so that export is a small explicit mapping. Legend: B batch, T sequence, D d_model, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modular.config import experts_per_moe_layer, moe_layer_indices
+from modular.models.attention import Attention
+from modular.models.ffn import SwiGLUFFN
+from modular.models.moe import MoELayer
+from modular.models.norm import RMSNorm
+from modular.models.rope import RotaryEmbedding
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor  # [B, T, V]
+    loss: Tensor | None = None  # language-model loss + weighted auxiliary losses
+    lm_loss: Tensor | None = None  # cross-entropy alone
+    aux_loss: Tensor | None = None  # sum of the MoE layers' weighted auxiliary losses
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, norm_eps: float, mlp: nn.Module):
+        super().__init__()
+        self.self_attn = Attention(d_model, n_heads, n_kv_heads)
+        self.input_layernorm = RMSNorm(d_model, norm_eps)
+        self.post_attention_layernorm = RMSNorm(d_model, norm_eps)
+        self.mlp = mlp
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoELayer)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, token_ids: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, token_ids) if self.is_moe else self.mlp(h))
+
+
+class ModularLM(nn.Module):
+    def __init__(self, cfg):
+        """`cfg` is the composed config (model, experts, routing, kernels groups)."""
+        super().__init__()
+        m = cfg.model
+        self.model_cfg = m
+        self.vocab_size = m.vocab_size
+        self.d_model = m.d_model
+        self.max_seq_len = m.max_seq_len
+        self.embed_tokens = nn.Embedding(m.vocab_size, m.d_model)
+        moe_indices = moe_layer_indices(m)
+        experts = dict(zip(moe_indices, experts_per_moe_layer(cfg)))
+        layers = []
+        for i in range(m.n_layers):
+            if i in experts:
+                mlp = MoELayer(m.d_model, experts[i], cfg.experts, cfg.routing, m.init_std)
+            else:
+                mlp = SwiGLUFFN(m.d_model, m.ffn_dim)
+            layers.append(DecoderLayer(m.d_model, m.n_heads, m.n_kv_heads, m.norm_eps, mlp))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(m.d_model, m.norm_eps)
+        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(m.d_model // m.n_heads, m.rope_theta)
+        self._init_weights(m.init_std)
+        if m.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _init_weights(self, std: float) -> None:
+        # Hugging Face Llama's init: N(0, std) for every linear and embedding; norms start at 1.
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [layer.mlp for layer in self.layers if layer.is_moe]
+
+    def set_backend(self, backend: str) -> None:
+        for moe in self.moe_layers:
+            moe.set_backend(backend)
+
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> LMOutput:
+        """input_ids [B, T]; targets [B, T] aligned with the inputs (already shifted), -100 = ignore."""
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)  # [B, T, D]
+        positions = torch.arange(T, device=input_ids.device)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_ids)
+        logits = self.lm_head(self.norm(x))  # [B, T, V]
+        moe = self.moe_layers
+        aux = sum((layer.aux_loss for layer in moe), start=logits.new_zeros(())) if moe else logits.new_zeros(())
+        if targets is None:
+            return LMOutput(logits=logits, aux_loss=aux)
+        lm_loss = F.cross_entropy(logits.float().reshape(-1, self.vocab_size), targets.reshape(-1), ignore_index=-100)
+        return LMOutput(logits=logits, loss=lm_loss + aux, lm_loss=lm_loss, aux_loss=aux)
+
+    def moe_stats(self) -> dict[int, dict]:
+        """Routing statistics of the last forward, keyed by layer index."""
+        return {i: layer.mlp.last_stats for i, layer in enumerate(self.layers) if layer.is_moe}

@@ -1,0 +1,23 @@
+"""Routers: which experts each token goes to, with what weight, plus auxiliary losses and statistics.
+
+Routers are chosen by name from `ROUTER_REGISTRY`; users add their own with `@register_router("name")`.
+"""
+
+from modular.routing.base import ROUTER_REGISTRY, Router, RouterOutput, build_router, register_router
+from modular.routing import topk, expert_choice, sinkhorn, hash_router  # noqa: F401  (registration)
+from modular.routing.capacity import apply_capacity, expert_capacity
+from modular.routing.losses import load_balancing_loss, z_loss
+from modular.routing.stats import routing_stats
+
+__all__ = [
+    "ROUTER_REGISTRY",
+    "Router",
+    "RouterOutput",
+    "apply_capacity",
+    "build_router",
+    "expert_capacity",
+    "load_balancing_loss",
+    "register_router",
+    "routing_stats",
+    "z_loss",
+]

@@ -1,0 +1,70 @@
+"""Token-choice top-k routing (Mixtral, Switch, DeepSeek-V3): each token picks its k best experts.
+
+Scores are a softmax over experts or independent sigmoids. With `bias_balancing` a per-expert bias is
+added to the scores for *selection only* and nudged after every training forward towards equal load,
+the auxiliary-loss-free balancing of DeepSeek-V3; the combine weights never see the bias.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from modular.routing.base import Router, RouterOutput, flat_token_choice, register_router
+from modular.routing.losses import load_balancing_loss, z_loss
+
+
+def router_probs(logits: Tensor, score: str) -> Tensor:
+    """Scores in at least float32 (bf16 softmax over many experts loses the small probabilities)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    if score == "softmax":
+        return torch.softmax(logits, dim=-1, dtype=dtype)
+    return torch.sigmoid(logits.to(dtype))
+
+
+@register_router("topk")
+class TopKRouter(Router):
+    def __init__(self, cfg, num_experts: int):
+        super().__init__(cfg, num_experts)
+        self.score = cfg.score
+        self.normalize = bool(cfg.normalize)
+        self.bias_balancing = bool(cfg.bias_balancing)
+        self.bias_update_rate = float(cfg.bias_update_rate)
+        # Selection-only bias; a buffer so it is saved in checkpoints but never trained by the optimizer.
+        self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
+
+    def resize(self, num_experts: int) -> None:
+        old = self.expert_bias
+        new = torch.zeros(num_experts, device=old.device, dtype=old.dtype)
+        n = min(num_experts, old.numel())
+        new[:n] = old[:n]
+        self.expert_bias = new
+        super().resize(num_experts)
+
+    def route(self, logits: Tensor, token_ids: Tensor | None) -> RouterOutput:
+        scores = router_probs(logits, self.score)  # [T, E]
+        selection = scores + self.expert_bias.to(scores.dtype) if self.bias_balancing else scores
+        _, expert_idx = torch.topk(selection, self.top_k, dim=-1)  # [T, k]
+        weight = scores.gather(-1, expert_idx)  # [T, k]
+        if self.normalize:
+            weight = weight / weight.sum(dim=-1, keepdim=True)
+        token_idx, expert_flat, weight_flat = flat_token_choice(expert_idx, weight)
+        probs = scores if self.score == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
+        if self.training and self.bias_balancing:
+            self._update_bias(expert_flat)
+        return RouterOutput(
+            token_idx=token_idx,
+            expert_idx=expert_flat,
+            weight=weight_flat.to(logits.dtype),
+            probs=probs,
+            logits=logits,
+            losses={
+                "load_balancing": load_balancing_loss(probs, expert_flat, self.num_experts),
+                "z_loss": z_loss(logits),
+            },
+        )
+
+    @torch.no_grad()
+    def _update_bias(self, expert_idx: Tensor) -> None:
+        load = torch.bincount(expert_idx, minlength=self.num_experts).to(self.expert_bias.dtype)
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
