@@ -17,6 +17,9 @@ USAGE = """usage: modular <command> [key=value ...]
 Commands:
   info      print the composed model: layers, experts per bank, router, parameters, FLOPs per token
             (with run.dir=DIR also writes DIR/model.json)
+  train     train the composed model on data= (default: the embedded sample corpus); resumes run.dir
+  eval      print per-domain validation loss, perplexity and bits per byte of run.dir's latest checkpoint
+  tokenizer train   train a byte-level BPE tokenizer on data= (tokenizer.vocab_size=N tokenizer.out=DIR)
 
 Overrides select presets (model=tiny experts=lowrank routing=expert_choice) and set values
 (experts.num_experts=16 routing.top_k=1). Presets live in configs/<group>/*.yaml.
@@ -49,7 +52,45 @@ def cmd_info(overrides: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info}
+def cmd_train(overrides: list[str]) -> int:
+    from modular.train.run import train_command
+
+    return train_command(overrides)
+
+
+def cmd_eval(overrides: list[str]) -> int:
+    from modular.train.run import eval_command
+
+    return eval_command(overrides)
+
+
+def cmd_tokenizer(args: list[str]) -> int:
+    """`modular tokenizer train [data=...] tokenizer.vocab_size=N tokenizer.out=DIR`."""
+    from modular.config import compose_config
+    from modular.data.tokenizer import tokenizer_train_command
+    from modular.errors import ConfigError
+
+    if not args or args[0] != "train":
+        raise ConfigError("modular tokenizer needs a subcommand: modular tokenizer train tokenizer.vocab_size=N tokenizer.out=DIR.")
+    options = {"tokenizer.vocab_size": None, "tokenizer.out": None}
+    overrides = []
+    for a in args[1:]:
+        key = a.split("=", 1)[0]
+        if key in options and "=" in a:
+            options[key] = a.split("=", 1)[1]
+        else:
+            overrides.append(a)
+    if options["tokenizer.out"] is None:
+        raise ConfigError("tokenizer.out is required: the folder to write tokenizer.json to.")
+    try:
+        vocab_size = int(options["tokenizer.vocab_size"] or 8192)
+    except ValueError:
+        raise ConfigError(f"tokenizer.vocab_size={options['tokenizer.vocab_size']} is not allowed; it must be an integer.") from None
+    cfg = compose_config(overrides)
+    return tokenizer_train_command(cfg.data, vocab_size, options["tokenizer.out"])
+
+
+COMMANDS = {"info": cmd_info, "train": cmd_train, "eval": cmd_eval, "tokenizer": cmd_tokenizer}
 
 
 def command_help(name: str) -> str:

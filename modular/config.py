@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from modular.data.config import DataConfig
 from modular.errors import ConfigError
+from modular.train.config import TrainConfig
 
 CONFIG_DIR = Path(os.environ.get("MODULAR_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
 
@@ -95,6 +97,8 @@ class Config:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
 
 
@@ -104,6 +108,8 @@ GROUP_SCHEMAS = {
     "routing": RoutingConfig,
     "kernels": KernelsConfig,
     "run": RunConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
 }
 
 _registered = False
@@ -419,10 +425,41 @@ def validate(cfg) -> None:
         k.backend in ("auto", "torch", "triton", "megablocks"),
         f"kernels.backend='{k.backend}' is unknown; allowed: auto, torch, triton, megablocks.",
     )
+    validate_train(cfg)
+    from modular.data.config import as_data_config
+
+    as_data_config(cfg.data)
     _require(
         isinstance(cfg.run.name, str) and re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run.name or "") is not None,
         f"run.name='{cfg.run.name}' is not allowed; use letters, digits, '.', '_' and '-'.",
     )
+
+
+def validate_train(cfg) -> None:
+    t = cfg.train
+    for key in ("max_steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_batches",
+                "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
+        _positive_int(t[key], f"train.{key}")
+    _require(
+        t.seq_len <= cfg.model.max_seq_len,
+        f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
+        "use a shorter seq_len or a larger max_seq_len.",
+    )
+    _require(t.lr > 0 and math.isfinite(t.lr), f"train.lr={t.lr} is not allowed; it must be a number > 0.")
+    _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} is not allowed; it must be in [0, 1].")
+    _require(t.schedule in ("cosine", "wsd", "constant"),
+             f"train.schedule='{t.schedule}' is unknown; allowed: cosine, wsd, constant.")
+    _require(isinstance(t.warmup_steps, int) and t.warmup_steps >= 0,
+             f"train.warmup_steps={t.warmup_steps} is not allowed; it must be an integer >= 0.")
+    _require(0 < t.decay_fraction <= 1, f"train.decay_fraction={t.decay_fraction} is not allowed; it must be in (0, 1].")
+    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} is not allowed; it must be >= 0.")
+    _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1,
+             f"train.beta1={t.beta1}, train.beta2={t.beta2} are not allowed; betas must be in [0, 1).")
+    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} is not allowed; it must be >= 0 (0 disables).")
+    _require(t.dtype in ("auto", "fp32", "bf16"), f"train.dtype='{t.dtype}' is unknown; allowed: auto, fp32, bf16.")
+    _require(t.device in ("auto", "cpu", "cuda"), f"train.device='{t.device}' is unknown; allowed: auto, cpu, cuda.")
+    _require(isinstance(t.threads, int) and t.threads >= 0,
+             f"train.threads={t.threads} is not allowed; it must be an integer >= 0 (0 = torch's default).")
 
 
 def to_dict(cfg) -> dict:

@@ -1,0 +1,149 @@
+"""Typed config of the data group (`data=...`): domains, tokenizer, cache and reading options.
+Also the checks that turn a bad value into one ConfigError sentence, and `resolve_path` for corpus paths.
+
+Corpus paths (`train`, `val`, `tokenizer.path`) are one of:
+  * an absolute path, or a path relative to the current working directory (`~` is expanded);
+  * `pkg://<package>/<path inside it>`, e.g. `pkg://modular/data/sample/en/train.jsonl`, which finds
+    the embedded sample wherever the package is installed and from any working directory.
+`train` and `val` may also name a directory (every .jsonl and .txt file below it) or a glob.
+"""
+
+# OmegaConf 2.3 reads typing.Optional / typing.Dict in structured configs but not `X | None` or `dict[...]`.
+# ruff: noqa: UP006, UP035, UP045
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from modular.errors import ConfigError
+
+PKG_PREFIX = "pkg://"
+TOKENIZER_KINDS = ("byte", "hf")
+BAD_BYTES_POLICIES = ("error", "replace")
+_DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class DomainConfig:
+    """One domain: where its text is, and how often the training mixture draws from it."""
+
+    train: str = MISSING  # file, directory or glob of .jsonl / .txt
+    val: Optional[str] = None  # None: split `train` by document hash (see modular.data.split)
+    weight: float = 1.0  # relative sampling weight in the training mixture
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "byte"  # byte | hf
+    path: Optional[str] = None  # hf only: a tokenizer.json file or a folder holding one
+
+
+@dataclass
+class DataConfig:
+    # Empty on purpose: a default here would be merged key by key with a preset's domains.
+    # The default corpus comes from the `data=sample` preset (or `sample_data_config()` in Python).
+    domains: Dict[str, DomainConfig] = field(default_factory=dict)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    cache_dir: Optional[str] = None  # None: $MODULAR_CACHE/shards, else ~/.cache/modular/shards
+    num_workers: int = 2  # tokenisation processes; 0 or 1 tokenises in this process
+    val_fraction: float = 0.05  # share of documents held out when a domain has no `val` path
+    on_bad_bytes: str = "error"  # error | replace (invalid UTF-8 becomes U+FFFD)
+    text_field: str = "text"  # the JSON Lines key holding a document's text
+
+
+SAMPLE_DOMAINS = ("en", "de", "fr", "es", "code_py")
+
+
+def sample_data_config(domains: tuple[str, ...] = SAMPLE_DOMAINS, **overrides: Any) -> DataConfig:
+    """The embedded sample corpus as a DataConfig (what the `data=sample` preset holds)."""
+    unknown = [d for d in domains if d not in SAMPLE_DOMAINS]
+    if unknown:
+        raise ConfigError(f"sample domain {unknown[0]!r} does not exist; "
+                          f"the sample has {', '.join(SAMPLE_DOMAINS)}.")
+    root = f"{PKG_PREFIX}modular/data/sample"
+    paths = {d: DomainConfig(train=f"{root}/{d}/train.jsonl", val=f"{root}/{d}/val.jsonl") for d in domains}
+    return validate_data_config(DataConfig(domains=paths, **overrides))
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("MODULAR_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "modular") / "shards"
+
+
+def resolve_path(spec: str) -> Path:
+    """An absolute Path for a config path: `pkg://` inside an installed package, else cwd-relative."""
+    if spec.startswith(PKG_PREFIX):
+        package, _, inner = spec[len(PKG_PREFIX):].partition("/")
+        spec_ = importlib.util.find_spec(package) if package and "." not in package else None
+        if spec_ is None or not spec_.submodule_search_locations:
+            raise ConfigError(f"path {spec!r} names package {package!r}, which is not installed; "
+                              f"use pkg://<package>/<path>, e.g. pkg://modular/data/sample/en/train.jsonl.")
+        roots = [Path(p) for p in spec_.submodule_search_locations]
+        # A namespace package may span several folders: take the one that has the path.
+        found = [root for root in roots if (root / inner).exists()]
+        return ((found or roots)[0] / inner).absolute()
+    return Path(os.path.expanduser(spec)).absolute()
+
+
+def as_data_config(cfg: DataConfig | DictConfig | dict) -> DataConfig:
+    """A validated DataConfig from a dataclass, a hydra DictConfig (interpolations resolved) or a dict."""
+    if not isinstance(cfg, DataConfig):
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
+            cfg = OmegaConf.to_object(merged)
+        except MissingMandatoryValue as e:
+            raise ConfigError(f"data.{e.full_key} is required: a .jsonl/.txt file, a directory or a glob.") \
+                from None
+        except OmegaConfBaseException as e:
+            key = f"data.{e.full_key}" if getattr(e, "full_key", None) else "the data config"
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{key} is not valid: {reason}.") from None
+    return validate_data_config(cfg)
+
+
+def validate_data_config(cfg: DataConfig) -> DataConfig:
+    """Raise ConfigError naming the first bad value; return cfg unchanged when all values are allowed."""
+    if not cfg.domains:
+        raise ConfigError("data.domains is empty; name at least one domain, e.g. data=sample.")
+    for name, dom in cfg.domains.items():
+        if not _DOMAIN_NAME.match(str(name)):
+            raise ConfigError(f"domain name {name!r} is not allowed; use letters, digits, '_', '.' or '-'.")
+        if not isinstance(dom.train, str) or not dom.train or dom.train == MISSING:
+            raise ConfigError(f"data.domains.{name}.train is required: a .jsonl/.txt file, a directory "
+                              "or a glob.")
+        if dom.val is not None and not dom.val:
+            raise ConfigError(f"data.domains.{name}.val is an empty string; give a path, or null for the "
+                              "hash split.")
+        if not (isinstance(dom.weight, (int, float)) and math.isfinite(dom.weight) and dom.weight > 0):
+            raise ConfigError(f"data.domains.{name}.weight={dom.weight!r} is not allowed; use a number > 0.")
+    tok = cfg.tokenizer
+    if tok.kind not in TOKENIZER_KINDS:
+        raise ConfigError(f"data.tokenizer.kind={tok.kind!r} is unknown; "
+                          f"use one of {', '.join(TOKENIZER_KINDS)}.")
+    if tok.kind == "hf" and not tok.path:
+        raise ConfigError("data.tokenizer.path is required with kind=hf: a tokenizer.json file or a folder "
+                          "holding one.")
+    if tok.kind == "byte" and tok.path:
+        raise ConfigError(f"data.tokenizer.path={tok.path!r} is only used with kind=hf; "
+                          "set it to null for kind=byte.")
+    if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.num_workers!r} is not allowed; use an integer >= 0.")
+    percent = cfg.val_fraction * 100
+    if not (abs(percent - round(percent)) < 1e-9 and 1 <= round(percent) <= 99):
+        # The hash rule buckets documents into 100 bins (as the shared corpora did), so whole percents only.
+        raise ConfigError(f"data.val_fraction={cfg.val_fraction!r} is not allowed; "
+                          "use a whole percentage from 0.01 to 0.99.")
+    if cfg.on_bad_bytes not in BAD_BYTES_POLICIES:
+        raise ConfigError(f"data.on_bad_bytes={cfg.on_bad_bytes!r} is unknown; "
+                          f"use one of {', '.join(BAD_BYTES_POLICIES)}.")
+    if not cfg.text_field:
+        raise ConfigError("data.text_field is empty; name the JSON key holding the text, e.g. text.")
+    return cfg

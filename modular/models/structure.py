@@ -1,0 +1,39 @@
+"""A model's expert structure (banks per MoE layer), saved with checkpoints and re-applied on load.
+
+The config describes the model as composed; continual runs grow, merge and shrink banks, so a
+checkpoint records the banks it holds and loading rebuilds exactly those before reading weights.
+"""
+
+from __future__ import annotations
+
+from modular.errors import CheckpointError
+from modular.experts import EXPERT_REGISTRY
+from modular.models.decoder import ModularLM
+
+
+def model_structure(model: ModularLM) -> dict:
+    return {str(i): [{"type": b.registry_name, "experts": b.num_experts} for b in layer.mlp.banks]
+            for i, layer in enumerate(model.layers) if layer.is_moe}
+
+
+def apply_structure(model: ModularLM, structure: dict) -> None:
+    """Replace each MoE layer's banks with fresh ones of the recorded types and sizes (weights loaded after)."""
+    moe = {str(i): layer.mlp for i, layer in enumerate(model.layers) if layer.is_moe}
+    if set(structure) != set(moe):
+        raise CheckpointError(
+            f"The checkpoint has MoE layers {sorted(structure, key=int)} but the model has {sorted(moe, key=int)}; "
+            "it belongs to another model."
+        )
+    for key, banks in structure.items():
+        layer = moe[key]
+        if [(b.registry_name, b.num_experts) for b in layer.banks] == [(b["type"], b["experts"]) for b in banks]:
+            continue
+        cfg = layer.experts_cfg
+        new_banks = []
+        for b in banks:
+            if b["type"] not in EXPERT_REGISTRY:
+                raise CheckpointError(f"The checkpoint uses expert type '{b['type']}', which is not registered here.")
+            new_banks.append(EXPERT_REGISTRY[b["type"]].from_config(layer.d_model, b["experts"], cfg, layer.init_std))
+        layer.banks = type(layer.banks)(new_banks)
+        layer.set_backend(layer.backend)
+        layer.router.resize(layer.num_experts)

@@ -1,0 +1,132 @@
+"""`modular train` and `modular eval`: compose the config, build data and model, run the Trainer.
+
+A run folder remembers the overrides it was started with (`overrides.json`), so `modular train
+run.dir=DIR` resumes with the same config, and later overrides (e.g. a larger train.max_steps) apply on top.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from modular.atomic import atomic_write_json, atomic_write_text
+from modular.config import compose_config, to_dict
+from modular.errors import ConfigError, UserError
+
+
+def _override_value(overrides: list[str], key: str) -> str | None:
+    value = None
+    for o in overrides:
+        if o.split("=", 1)[0].lstrip("+") == key:
+            value = o.split("=", 1)[1]
+    return value
+
+
+def compose_run(overrides: list[str]):
+    """(cfg, all overrides, run folder). A folder with overrides.json contributes its saved overrides first."""
+    run_dir = _override_value(overrides, "run.dir")
+    saved: list[str] = []
+    if run_dir and (Path(run_dir) / "overrides.json").exists():
+        saved = json.loads((Path(run_dir) / "overrides.json").read_text())
+    all_overrides = [o for o in saved if not o.startswith("run.dir=")] + list(overrides)
+    cfg = compose_config(all_overrides)
+    if cfg.run.dir:
+        folder = Path(cfg.run.dir)
+    else:
+        folder = Path("runs") / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        all_overrides.append(f"run.dir={folder}")
+    return cfg, all_overrides, folder
+
+
+def prepare_data(cfg, domains: list[str] | None = None):
+    """Tokenizer, training mixture and validation sets; every data error surfaces here, before any write."""
+    from modular.data.loader import MixtureLoader, validation_sets
+    from modular.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"The tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+            f"set model.vocab_size={tokenizer.vocab_size} (or larger)."
+        )
+    t = cfg.train
+    weights = {d: float(cfg.data.domains[d].weight) for d in (domains or cfg.data.domains)}
+    loader = MixtureLoader.from_config(cfg.data, t.batch_size, t.seq_len, weights=weights, seed=cfg.seed,
+                                       progress=t.progress, tokenizer=tokenizer)
+    val_sets = validation_sets(cfg.data, t.batch_size, t.seq_len, max_batches=t.eval_batches, progress=t.progress,
+                               tokenizer=tokenizer)
+    return tokenizer, loader, val_sets
+
+
+def _check_run_dir(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"run.dir={folder} is a file, not a folder; choose another run.dir.")
+
+
+def train_command(overrides: list[str]) -> int:
+    from modular.models import build_model
+    from modular.train.evaluate import format_eval_table
+    from modular.train.trainer import Trainer
+
+    cfg, all_overrides, folder = compose_run(overrides)
+    _check_run_dir(folder)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    tokenizer, loader, val_sets = prepare_data(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "overrides.json", all_overrides)
+    record = to_dict(cfg)
+    atomic_write_text(folder / "config.json", json.dumps(record, indent=2) + "\n")
+    trainer = Trainer(cfg, folder, model, loader, val_sets, config_record=record)
+    if trainer.resume():
+        print(f"resuming {folder} from step {trainer.step}")
+    else:
+        print(f"training in {folder}")
+    if trainer.step >= cfg.train.max_steps:
+        print(f"{folder} already reached train.max_steps={cfg.train.max_steps}; raise it to train further.")
+        return 0
+    results = trainer.fit()
+    if results:
+        print(format_eval_table(results))
+    if trainer.stopped_by_signal is not None:
+        print(f"resume with: modular train run.dir={folder}")
+        return 128 + int(trainer.stopped_by_signal)
+    return 0
+
+
+def eval_command(overrides: list[str]) -> int:
+    from modular.models import build_model
+    from modular.models.structure import apply_structure
+    from modular.train import checkpoint as ckpt
+    from modular.train.evaluate import evaluate, format_eval_table
+    from modular.train.trainer import autocast_for, resolve_device
+
+    if not _override_value(overrides, "run.dir"):
+        raise ConfigError("modular eval needs run.dir=DIR, a folder written by modular train or modular continual.")
+    cfg, _, folder = compose_run(overrides)
+    if not folder.is_dir():
+        raise UserError(f"run.dir={folder} does not exist; give the folder of a train or continual run.")
+    checkpoint = ckpt.latest_checkpoint(folder)
+    if checkpoint is None:
+        raise UserError(f"run.dir={folder} has no checkpoint yet; train first (modular train run.dir={folder}).")
+    ckpt.verify_checkpoint(checkpoint)
+    from modular.data.loader import validation_sets
+
+    val_sets = validation_sets(cfg.data, cfg.train.batch_size, cfg.train.seq_len, max_batches=cfg.train.eval_batches,
+                               progress=cfg.train.progress)
+    model = build_model(cfg)
+    apply_structure(model, ckpt.read_trainer_state(checkpoint).get("structure", {}))
+    ckpt.load_model_weights(model, checkpoint)
+    device = resolve_device(cfg.train.device)
+    model.to(device)
+    results = evaluate(model, val_sets, device, autocast_for(cfg.train.dtype, device))
+    print(f"{checkpoint} (step {ckpt.read_trainer_state(checkpoint)['step']})")
+    print(format_eval_table(results))
+    return 0
+

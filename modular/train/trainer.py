@@ -1,0 +1,250 @@
+"""The training loop: batches from the domain mixture, AdamW with a schedule, evaluation, checkpoints.
+
+`Trainer` owns one run folder. It resumes from the folder's latest checkpoint by itself, and a resumed
+run continues exactly (on the CPU the losses equal an uninterrupted run's bit for bit): weights,
+optimizer moments, schedule position, data position and every RNG state come back. SIGINT/SIGTERM
+finish the current step, save a checkpoint and return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from modular.errors import UserError
+from modular.models.structure import apply_structure, model_structure
+from modular.train import checkpoint as ckpt
+from modular.train.evaluate import evaluate, format_eval_table
+from modular.train.loggers import JsonlLogger, Loggers, WandbLogger
+from modular.train.optimizer import build_optimizer
+from modular.train.schedule import schedule_from_config
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. the loss stayed non-finite); exit code 1."""
+
+    exit_code = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda was asked for, but no CUDA device is available; use auto or cpu.")
+    return torch.device(name)
+
+
+def autocast_for(dtype: str, device: torch.device):
+    """fp32 on the CPU by default; bf16 autocast where the device supports it."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class Trainer:
+    """Train `model` on `loader` (a MixtureLoader), evaluating on `val_sets` ({domain: ValidationSet})."""
+
+    def __init__(self, cfg, run_dir: str | Path, model, loader, val_sets: dict, *, config_record: dict | None = None,
+                 step_offset: int = 0, log_prefix: dict | None = None):
+        self.cfg = cfg
+        self.tcfg = cfg.train
+        self.run_dir = Path(run_dir)
+        self.model = model
+        self.loader = loader
+        self.val_sets = val_sets
+        self.config_record = config_record or {}
+        self.log_prefix = log_prefix or {}
+        self.device = resolve_device(self.tcfg.device)
+        self.autocast = autocast_for(self.tcfg.dtype, self.device)
+        self.model.to(self.device)
+        from modular.kernels import resolve_backend
+
+        self.model.set_backend(resolve_backend(cfg.kernels.backend, self.device))
+        self.forward_model = torch.compile(self.model) if self.tcfg.compile else self.model
+        self.optimizer = build_optimizer(self.model, self.tcfg)
+        self.lr_at = schedule_from_config(self.tcfg)
+        self.step = 0
+        self.tokens = 0
+        self.skipped_steps = 0
+        self.last_eval: dict | None = None
+        self.stopped_by_signal: int | None = None
+
+    # -- state ----------------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {"tokens": self.tokens, "skipped_steps": self.skipped_steps, "loader": self.loader.state_dict(),
+                "structure": model_structure(self.model), "last_eval": self.last_eval}
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
+                                    self.config_record, keep=self.tcfg.keep_checkpoints)
+
+    def resume(self) -> bool:
+        """Continue from the run folder's latest checkpoint, if it has one."""
+        folder = ckpt.latest_checkpoint(self.run_dir)
+        if folder is None:
+            return False
+        ckpt.verify_checkpoint(folder)
+        state = ckpt.read_trainer_state(folder)
+        apply_structure(self.model, state.get("structure", {}))
+        self.model.to(self.device)
+        ckpt.load_model_weights(self.model, folder)
+        self.optimizer = build_optimizer(self.model, self.tcfg)  # the structure may have changed the parameters
+        ckpt.load_optimizer_state(self.optimizer, folder)
+        self.loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.tokens = int(state["tokens"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.last_eval = state.get("last_eval")
+        return True
+
+    # -- loop -----------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches. Returns the step's scalars."""
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = self.tcfg.grad_accum
+        lm_total, aux_total = 0.0, 0.0
+        finite = True
+        for _ in range(accum):
+            batch = next(self.loader).to(self.device)
+            with self.autocast():
+                out = self.forward_model(batch.inputs, batch.targets)
+            loss = out.loss / accum
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            lm_total += float(out.lm_loss.detach()) / accum
+            aux_total += float(out.aux_loss.detach()) / accum
+            self.tokens += batch.targets.numel()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = float("nan")
+        if finite:
+            clip = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": lm_total + aux_total, "lm_loss": lm_total, "aux_loss": aux_total, "lr": lr,
+                "grad_norm": grad_norm, "finite": finite}
+
+    def moe_record(self) -> dict:
+        record = {}
+        for i, layer in enumerate(self.model.layers):
+            if layer.is_moe and layer.mlp.last_stats is not None:
+                s = layer.mlp.last_stats
+                record[f"layer_{i}"] = {
+                    "tokens_per_expert": s["tokens_per_expert"].tolist(),
+                    "entropy": round(s["entropy"], 5),
+                    "max_imbalance": round(s["max_imbalance"], 4),
+                    "dropped_tokens": s["dropped_tokens"],
+                    "aux": {k: round(v, 6) for k, v in layer.mlp.aux_losses.items()},
+                }
+        return record
+
+    def run_eval(self, logger) -> dict:
+        results = evaluate(self.model, self.val_sets, self.device, self.autocast)
+        self.last_eval = results
+        logger.log({**self.log_prefix, "step": self.step, "tokens": self.tokens, "eval": results})
+        return results
+
+    def fit(self, max_steps: int | None = None, progress_desc: str = "train") -> dict:
+        """Train until `max_steps` (default train.max_steps); returns the last evaluation."""
+        from tqdm.auto import tqdm
+
+        max_steps = self.tcfg.max_steps if max_steps is None else max_steps
+        resumed_from = self.step
+        loggers = [JsonlLogger(self.run_dir / "metrics.jsonl", resume_step=self.step)]
+        if self.tcfg.wandb.enabled:
+            loggers.append(WandbLogger(self.tcfg.wandb, self.run_dir, self.run_dir.name, self.config_record))
+        logger = Loggers(loggers)
+        self.model.train()
+        consecutive_nonfinite = 0
+        window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+        bar = tqdm(total=max_steps, initial=self.step, desc=progress_desc, disable=not self.tcfg.progress,
+                   dynamic_ncols=True, leave=True)
+        try:
+            with _StopRequest() as stop:
+                while self.step < max_steps:
+                    tokens_before = self.tokens
+                    out = self.train_step()
+                    if not out["finite"]:
+                        self.skipped_steps += 1
+                        consecutive_nonfinite += 1
+                        if consecutive_nonfinite >= self.tcfg.max_nonfinite:
+                            raise TrainingError(
+                                f"The loss was non-finite for {consecutive_nonfinite} steps in a row (step {self.step}); "
+                                f"lower train.lr (now {self.tcfg.lr}) or check the data. Last good checkpoint: "
+                                f"{ckpt.latest_checkpoint(self.run_dir)}."
+                            )
+                    else:
+                        consecutive_nonfinite = 0
+                        window["loss"] += out["loss"]
+                        window["n"] += 1
+                    window["tokens"] += self.tokens - tokens_before
+                    bar.update(1)
+                    if self.step % self.tcfg.log_every == 0 or self.step == max_steps:
+                        elapsed = time.perf_counter() - window["t0"]
+                        tps = window["tokens"] / elapsed if elapsed > 0 else 0.0
+                        mean_loss = window["loss"] / max(1, window["n"])
+                        logger.log({**self.log_prefix, "step": self.step, "tokens": self.tokens, "loss": mean_loss,
+                                    "lm_loss": out["lm_loss"], "aux_loss": out["aux_loss"], "lr": out["lr"],
+                                    "grad_norm": out["grad_norm"], "tokens_per_s": tps,
+                                    "skipped_steps": self.skipped_steps, "moe": self.moe_record()})
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{out['lr']:.2e}", tok_s=f"{tps:,.0f}")
+                        window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+                    if self.step % self.tcfg.eval_every == 0 or self.step == max_steps:
+                        results = self.run_eval(logger)
+                        bar.write(f"step {self.step}: " + ", ".join(
+                            f"{d} loss {r['loss']:.3f} bpb {r['bpb']:.3f}" for d, r in results.items()))
+                    if self.step % self.tcfg.checkpoint_every == 0 or self.step == max_steps:
+                        self.save()
+                    if stop.signal is not None:
+                        self.stopped_by_signal = stop.signal
+                        folder = self.save()
+                        bar.write(f"stopped by signal {stop.signal} at step {self.step}; checkpoint saved to {folder}")
+                        break
+        finally:
+            bar.close()
+            logger.close()
+        if self.step > resumed_from and self.last_eval is None:
+            self.run_eval(Loggers([]))
+        return self.last_eval or {}
+
+
+def summary_table(results: dict) -> str:
+    return format_eval_table(results)
