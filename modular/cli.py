@@ -18,6 +18,8 @@ Commands:
   info      print the composed model: layers, experts per bank, router, parameters, FLOPs per token
             (with run.dir=DIR also writes DIR/model.json)
   train     train the composed model on data= (default: the embedded sample corpus); resumes run.dir
+  continual run a stream of domains (continual.stream=[en,de,code_py]): grow, freeze, merge experts;
+            writes report.json, report.md and plots to run.dir
   eval      print per-domain validation loss, perplexity and bits per byte of run.dir's latest checkpoint
   tokenizer train   train a byte-level BPE tokenizer on data= (tokenizer.vocab_size=N tokenizer.out=DIR)
 
@@ -90,7 +92,13 @@ def cmd_tokenizer(args: list[str]) -> int:
     return tokenizer_train_command(cfg.data, vocab_size, options["tokenizer.out"])
 
 
-COMMANDS = {"info": cmd_info, "train": cmd_train, "eval": cmd_eval, "tokenizer": cmd_tokenizer}
+def cmd_continual(overrides: list[str]) -> int:
+    from modular.continual.stream import continual_command
+
+    return continual_command(overrides)
+
+
+COMMANDS = {"info": cmd_info, "train": cmd_train, "continual": cmd_continual, "eval": cmd_eval, "tokenizer": cmd_tokenizer}
 
 
 def command_help(name: str) -> str:

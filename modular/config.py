@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from modular.continual.config import ContinualConfig
 from modular.data.config import DataConfig
 from modular.errors import ConfigError
+from modular.parallel.config import ParallelConfig, validate_parallel
 from modular.train.config import TrainConfig
 
 CONFIG_DIR = Path(os.environ.get("MODULAR_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
@@ -99,6 +101,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
 
 
@@ -110,6 +114,8 @@ GROUP_SCHEMAS = {
     "run": RunConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "continual": ContinualConfig,
+    "parallel": ParallelConfig,
 }
 
 _registered = False
@@ -426,6 +432,7 @@ def validate(cfg) -> None:
         f"kernels.backend='{k.backend}' is unknown; allowed: auto, torch, triton, megablocks.",
     )
     validate_train(cfg)
+    validate_parallel(cfg, experts_per_moe_layer(cfg), moe)
     from modular.data.config import as_data_config
 
     as_data_config(cfg.data)

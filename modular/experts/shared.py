@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from modular.models.ffn import SwiGLUFFN
-
 
 class SharedExperts(nn.Module):
     def __init__(self, d_model: int, ffn_dim: int, num_shared: int):
+        from modular.models.ffn import SwiGLUFFN  # here, not at import: models imports experts
+
         super().__init__()
         self.num_shared = num_shared
         self.ffn_dim = ffn_dim

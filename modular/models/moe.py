@@ -26,6 +26,8 @@ class MoELayer(nn.Module):
         self.backend = backend
         self.top_k = int(routing_cfg.top_k)
         self.banks = nn.ModuleList([build_bank(experts_cfg, d_model, num_experts, init_std)])
+        # The expert each one was initialised from (continual growth by copy), for task-arithmetic merges.
+        self.expert_parents: list[int | None] = [None] * num_experts
         self.router = build_router(routing_cfg, num_experts)
         self.shared_experts = None
         if experts_cfg.shared_experts > 0:
@@ -37,6 +39,8 @@ class MoELayer(nn.Module):
         self.aux_loss: Tensor | None = None
         self.aux_losses: dict[str, float] = {}
         self.last_stats: dict | None = None
+        # Set by modular.parallel under expert/data parallelism: runs forward across ranks, shards new banks.
+        self.parallel = None
 
     # -- structure ------------------------------------------------------------------------------
     @property
@@ -58,7 +62,10 @@ class MoELayer(nn.Module):
     def add_bank(self, bank: ExpertBank) -> None:
         """Append a bank of new experts (continual growth); the router follows the new expert count."""
         bank.backend = self.backend
+        if self.parallel is not None:  # expert parallel: this rank keeps its share of the new experts
+            bank = self.parallel.shard_bank(bank)
         self.banks.append(bank)
+        self.expert_parents = self.expert_parents + [None] * bank.num_experts
         self.router.resize(self.num_experts)
 
     def new_bank(self, num_experts: int) -> ExpertBank:
@@ -66,6 +73,8 @@ class MoELayer(nn.Module):
 
     # -- compute --------------------------------------------------------------------------------
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        if self.parallel is not None:
+            return self.parallel.forward(self, x, token_ids)
         shape = x.shape
         x_TD = x.reshape(-1, self.d_model)
         T = x_TD.shape[0]

@@ -12,13 +12,18 @@ from modular.models.decoder import ModularLM
 
 
 def model_structure(model: ModularLM) -> dict:
-    return {str(i): [{"type": b.registry_name, "experts": b.num_experts} for b in layer.mlp.banks]
-            for i, layer in enumerate(model.layers) if layer.is_moe}
+    """{layer index: [{"type", "experts"} per bank]} plus, under "parents", each expert's parent (or None)."""
+    structure = {str(i): [{"type": b.registry_name, "experts": b.num_experts} for b in layer.mlp.banks]
+                 for i, layer in enumerate(model.layers) if layer.is_moe}
+    structure["parents"] = {str(i): layer.mlp.expert_parents for i, layer in enumerate(model.layers) if layer.is_moe}
+    return structure
 
 
 def apply_structure(model: ModularLM, structure: dict) -> None:
     """Replace each MoE layer's banks with fresh ones of the recorded types and sizes (weights loaded after)."""
     moe = {str(i): layer.mlp for i, layer in enumerate(model.layers) if layer.is_moe}
+    structure = dict(structure)
+    parents = structure.pop("parents", {})
     if set(structure) != set(moe):
         raise CheckpointError(
             f"The checkpoint has MoE layers {sorted(structure, key=int)} but the model has {sorted(moe, key=int)}; "
@@ -37,3 +42,7 @@ def apply_structure(model: ModularLM, structure: dict) -> None:
         layer.banks = type(layer.banks)(new_banks)
         layer.set_backend(layer.backend)
         layer.router.resize(layer.num_experts)
+        layer.expert_parents = [None] * layer.num_experts
+    for key, layer_parents in parents.items():
+        if key in moe and len(layer_parents) == moe[key].num_experts:
+            moe[key].expert_parents = list(layer_parents)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from modular.errors import ConfigError
 
 ROUTER_REGISTRY: dict[str, type["Router"]] = {}
+MASKED_LOGIT = -1.0e4  # exp(-1e4) underflows to exactly 0 in fp32 and bf16: an expert never routed to
 
 
 def register_router(name: str):
@@ -53,9 +54,20 @@ class Router(nn.Module):
         self.num_experts = num_experts
         self.top_k = int(cfg.top_k)
         self.jitter = float(cfg.jitter)
+        # Added to the logits: 0 normally; MASKED_LOGIT for experts that must not be routed to yet
+        # (growth that keeps the model's function until a stage starts training the new experts).
+        self.register_buffer("logit_offset", torch.zeros(num_experts), persistent=True)
 
-    def resize(self, num_experts: int) -> None:
-        """Called when banks are added or merged so the router's own state follows the expert count."""
+    def resize(self, num_experts: int, keep: "Tensor | None" = None) -> None:
+        """Follow a new expert count: `keep` lists the old experts that survive, in order (default: all
+        old experts first, new ones appended); per-expert state of new experts starts at zero."""
+        for name, buf in list(self.named_buffers(recurse=False)):
+            if buf.ndim == 1 and buf.numel() == self.num_experts:
+                old = buf if keep is None else buf[keep]
+                new = torch.zeros(num_experts, dtype=buf.dtype, device=buf.device)
+                n = min(num_experts, old.numel())
+                new[:n] = old[:n]
+                setattr(self, name, new)
         self.num_experts = num_experts
 
     def forward(self, x: Tensor, router_weight: Tensor, token_ids: Tensor | None = None) -> RouterOutput:
@@ -63,7 +75,7 @@ class Router(nn.Module):
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x = x * noise
-        logits = x @ router_weight.t()  # [T, E]
+        logits = x @ router_weight.t() + self.logit_offset.to(x.dtype)  # [T, E]
         return self.route(logits, token_ids)
 
     def route(self, logits: Tensor, token_ids: Tensor | None) -> RouterOutput:

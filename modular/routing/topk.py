@@ -33,14 +33,6 @@ class TopKRouter(Router):
         # Selection-only bias; a buffer so it is saved in checkpoints but never trained by the optimizer.
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
 
-    def resize(self, num_experts: int) -> None:
-        old = self.expert_bias
-        new = torch.zeros(num_experts, device=old.device, dtype=old.dtype)
-        n = min(num_experts, old.numel())
-        new[:n] = old[:n]
-        self.expert_bias = new
-        super().resize(num_experts)
-
     def route(self, logits: Tensor, token_ids: Tensor | None) -> RouterOutput:
         scores = router_probs(logits, self.score)  # [T, E]
         selection = scores + self.expert_bias.to(scores.dtype) if self.bias_balancing else scores

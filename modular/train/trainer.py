@@ -98,6 +98,7 @@ class Trainer:
         self.skipped_steps = 0
         self.last_eval: dict | None = None
         self.stopped_by_signal: int | None = None
+        self.loss_hooks: list = []  # callables (batch, output) -> extra loss added to the step's loss
 
     # -- state ----------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -141,7 +142,10 @@ class Trainer:
             batch = next(self.loader).to(self.device)
             with self.autocast():
                 out = self.forward_model(batch.inputs, batch.targets)
-            loss = out.loss / accum
+                loss = out.loss
+                for hook in self.loss_hooks:  # e.g. distillation or EWC terms of a continual stage
+                    loss = loss + hook(batch, out)
+            loss = loss / accum
             if not torch.isfinite(loss):
                 finite = False
                 break
@@ -188,6 +192,7 @@ class Trainer:
 
         max_steps = self.tcfg.max_steps if max_steps is None else max_steps
         resumed_from = self.step
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         loggers = [JsonlLogger(self.run_dir / "metrics.jsonl", resume_step=self.step)]
         if self.tcfg.wandb.enabled:
             loggers.append(WandbLogger(self.tcfg.wandb, self.run_dir, self.run_dir.name, self.config_record))
@@ -227,7 +232,7 @@ class Trainer:
                                     "skipped_steps": self.skipped_steps, "moe": self.moe_record()})
                         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{out['lr']:.2e}", tok_s=f"{tps:,.0f}")
                         window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
-                    if self.step % self.tcfg.eval_every == 0 or self.step == max_steps:
+                    if self.val_sets and (self.step % self.tcfg.eval_every == 0 or self.step == max_steps):
                         results = self.run_eval(logger)
                         bar.write(f"step {self.step}: " + ", ".join(
                             f"{d} loss {r['loss']:.3f} bpb {r['bpb']:.3f}" for d, r in results.items()))
@@ -241,7 +246,7 @@ class Trainer:
         finally:
             bar.close()
             logger.close()
-        if self.step > resumed_from and self.last_eval is None:
+        if self.val_sets and self.step > resumed_from and self.last_eval is None:
             self.run_eval(Loggers([]))
         return self.last_eval or {}
 

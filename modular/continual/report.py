@@ -1,0 +1,176 @@
+"""The account of a continual run: report.json, report.md (readable tables) and PNG plots.
+
+Everything comes from the stream state (one record per stage) and the initial evaluation:
+the perplexity matrix, forgetting and transfer, compute and parameters per stage, routing per domain.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from modular.atomic import atomic_open, atomic_write_json, atomic_write_text
+from modular.continual.metrics import summarize_matrix
+
+
+def build_report(cfg, state: dict) -> dict:
+    stages = state["stages"]
+    domains = list(cfg.continual.stream)
+    matrix = [[st["eval"][d]["ppl"] for d in domains] for st in stages]
+    initial = [state["initial"][d] for d in domains]
+    metrics = summarize_matrix(matrix, initial) if matrix else {}
+    flops = [st["flops"] for st in stages]
+    return {
+        "strategy": cfg.continual.strategy,
+        "domains": domains,
+        "stages": [{"stage": st["stage"], "domain": st["domain"], "steps": st["steps"], "tokens": st["tokens"],
+                    "review_tokens": st.get("review_tokens", 0), "experts_per_layer": st["experts_per_layer"],
+                    "seconds": st.get("seconds")} for st in stages],
+        "initial": initial,
+        "matrix": matrix,
+        "matrix_bpb": [[st["eval"][d]["bpb"] for d in domains] for st in stages],
+        **metrics,
+        "flops": flops,
+        "flops_total": sum(flops),
+        "tokens_total": sum(st["tokens"] + st.get("review_tokens", 0) for st in stages),
+        "params_total": [st["params_total"] for st in stages],
+        "params_active": [st["params_active"] for st in stages],
+        "params_total_during_stage": [st.get("params_total_during_stage") for st in stages],
+        "active_params_unchanged_by_growth": all(
+            st.get("params_active_before") is None or st["stage"] == 0
+            or abs(st.get("params_active_before") - st["params_active"]) <= 0.01 * st["params_active"]
+            for st in stages
+        ),
+        "routing": [st["routing"] for st in stages],
+    }
+
+
+def _fmt(x, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def markdown_matrix(report: dict) -> str:
+    domains = report["domains"]
+    lines = ["| after stage | " + " | ".join(domains) + " | mean |", "|---|" + "---:|" * (len(domains) + 1)]
+    lines.append("| (initial) | " + " | ".join(_fmt(x) for x in report["initial"]) + " | "
+                 + _fmt(sum(report["initial"]) / len(domains)) + " |")
+    for st, row in zip(report["stages"], report["matrix"]):
+        lines.append(f"| {st['stage']} {st['domain']} | " + " | ".join(_fmt(x) for x in row) + " | "
+                     + _fmt(sum(row) / len(row)) + " |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    domains = report["domains"]
+    out = [f"# Continual run: {report['strategy']}, stream {' → '.join(domains)}", "",
+           "## Validation perplexity R[stage][domain]", "", markdown_matrix(report), ""]
+    if report["matrix"]:
+        out += ["## Forgetting and transfer", "",
+                "| domain | plasticity (ppl after its stage) | forgetting (ppl) | forgetting (%) |",
+                "|---|---:|---:|---:|"]
+        for j, d in enumerate(domains):
+            if j < len(report["plasticity"]):
+                rel = report["forgetting_relative"][j]
+                out.append(f"| {d} | {_fmt(report['plasticity'][j])} | {_fmt(report['forgetting'][j])} | "
+                           f"{_fmt(rel * 100 if rel is not None else None, 1)} |")
+        out += ["", f"- final average perplexity: {_fmt(report['final_average_perplexity'])}",
+                f"- mean forgetting on earlier domains: "
+                f"{_fmt(report['mean_forgetting_relative'] * 100 if report['mean_forgetting_relative'] is not None else None, 1)}%",
+                f"- backward transfer (ppl, + = later stages helped): {_fmt(report['backward_transfer'])}",
+                f"- forward transfer (ppl, + = earlier stages helped): {_fmt(report['forward_transfer'])}", ""]
+    out += ["## Compute and parameters", "",
+            "| stage | domain | tokens | training FLOPs | params total | params active | experts per MoE layer |",
+            "|---|---|---:|---:|---:|---:|---|"]
+    for j, st in enumerate(report["stages"]):
+        experts = ", ".join(f"{v}" for v in st["experts_per_layer"].values()) or "dense"
+        out.append(f"| {st['stage']} | {st['domain']} | {st['tokens'] + st['review_tokens']:,} | "
+                   f"{report['flops'][j]:.3e} | {report['params_total'][j]:,} | {report['params_active'][j]:,} | "
+                   f"{experts} |")
+    out += ["", f"Total: {report['tokens_total']:,} tokens, {report['flops_total']:.3e} training FLOPs. "
+            f"Active parameters per token {'stay the same as experts are added (top-k unchanged)' if report['active_params_unchanged_by_growth'] else 'changed across stages'}.",
+            ""]
+    if any(report["routing"]):
+        out += ["## Routing: share of each domain's tokens per expert bank (after each stage)", ""]
+        for st, routing in zip(report["stages"], report["routing"]):
+            if not routing:
+                continue
+            width = max(len(v) for v in routing.values())
+            out += [f"After stage {st['stage']} ({st['domain']}):", "",
+                    "| domain | " + " | ".join(f"bank {b}" for b in range(width)) + " |",
+                    "|---|" + "---:|" * width]
+            for d, shares in routing.items():
+                out.append(f"| {d} | " + " | ".join(f"{x:.0%}" for x in shares) + " |")
+            out.append("")
+    return "\n".join(out) + "\n"
+
+
+def write_plots(folder: Path, report: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = report["domains"]
+    written = []
+    if report["matrix"]:
+        fig, ax = plt.subplots(figsize=(1.4 * len(domains) + 2, 0.6 * len(report["matrix"]) + 2))
+        im = ax.imshow(report["matrix"], cmap="viridis_r", aspect="auto")
+        ax.set_xticks(range(len(domains)), domains)
+        ax.set_yticks(range(len(report["stages"])), [f"{s['stage']} {s['domain']}" for s in report["stages"]])
+        ax.set_xlabel("evaluated domain")
+        ax.set_ylabel("after stage")
+        for i, row in enumerate(report["matrix"]):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white", fontsize=8)
+        fig.colorbar(im, ax=ax, label="validation perplexity")
+        ax.set_title(f"R[stage][domain] — {report['strategy']}")
+        written.append(_save(fig, folder / "matrix.png"))
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        x = list(range(len(report["matrix"])))
+        for j, d in enumerate(domains):
+            ax.plot(x, [row[j] for row in report["matrix"]], marker="o", label=d)
+        ax.set_xticks(x, [f"{s['stage']} {s['domain']}" for s in report["stages"]])
+        ax.set_xlabel("after stage")
+        ax.set_ylabel("validation perplexity")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.set_title("Perplexity per domain across stages")
+        written.append(_save(fig, folder / "perplexity.png"))
+    routing = report["routing"][-1] if report["routing"] else {}
+    if routing:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        width = max(len(v) for v in routing.values())
+        bottom = [0.0] * len(routing)
+        names = list(routing)
+        for b in range(width):
+            shares = [routing[d][b] if b < len(routing[d]) else 0.0 for d in names]
+            ax.bar(names, shares, bottom=bottom, label=f"bank {b}")
+            bottom = [x + y for x, y in zip(bottom, shares)]
+        ax.set_ylabel("share of routed tokens")
+        ax.set_title("Expert-bank usage per domain (final model)")
+        ax.legend()
+        written.append(_save(fig, folder / "routing.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_report(folder: Path, cfg, state: dict) -> dict:
+    report = build_report(cfg, state)
+    atomic_write_json(folder / "report.json", report)
+    atomic_write_text(folder / "report.md", markdown(report))
+    if cfg.continual.plots:
+        report["plots"] = [str(p) for p in write_plots(folder, report)]
+    report["markdown_matrix"] = markdown_matrix(report)
+    return report

@@ -1,0 +1,102 @@
+"""`modular continual` end to end on the embedded sample: report, plots, strategies, bad input, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from modular.cli import main
+
+SMALL = ["model=tiny", "experts.num_experts=4", "experts.ffn_dim=32", "continual.steps_per_stage=4",
+         "train.batch_size=2", "train.seq_len=32", "train.eval_batches=1", "train.progress=false",
+         "continual.usage_batches=1", "continual.stage_warmup_steps=1"]
+
+
+def report(run: Path) -> dict:
+    return json.loads((run / "report.json").read_text())
+
+
+def test_add_freeze_merge_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["continual", *SMALL, "continual=add_freeze_merge", "continual.merge_budget=5",
+                 "continual.review_steps=2", "continual.distill_weight=0.5", f"run.dir={run}"]) == 0
+    r = report(run)
+    assert r["domains"] == ["en", "de", "code_py"]
+    assert len(r["matrix"]) == 3 and all(len(row) == 3 for row in r["matrix"])
+    for key in ("domains", "stages", "matrix", "forgetting", "backward_transfer", "forward_transfer", "flops",
+                "params_total", "params_active", "routing"):
+        assert key in r
+    # grown by 2 per stage, then merged back to the budget of 5 experts per layer
+    assert [s["experts_per_layer"]["0"] for s in r["stages"]] == [4, 5, 5]
+    assert r["params_total"][0] < r["params_total"][1] == r["params_total"][2]
+    assert all(f > 0 for f in r["flops"])
+    assert len(r["routing"][-1]["en"]) == 2  # banks after the merge: originals + merged
+    for png in ("matrix.png", "perplexity.png", "routing.png"):
+        assert (run / png).stat().st_size > 1000
+    md = (run / "report.md").read_text()
+    assert "R[stage][domain]" in md and "Forgetting and transfer" in md
+    assert "| 2 code_py |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("strategy", ["naive", "replay", "joint"])
+def test_baselines_run_in_the_same_harness(strategy, tmp_path):
+    run = tmp_path / strategy
+    assert main(["continual", *SMALL, f"continual={strategy}", "continual.stream=[en,de]", f"run.dir={run}"]) == 0
+    r = report(run)
+    assert r["strategy"] == strategy and len(r["matrix"]) == 2
+    assert r["params_total"][0] == r["params_total"][1]  # no growth
+
+
+def test_dense_naive_baseline(tmp_path):
+    run = tmp_path / "dense"
+    assert main(["continual", *SMALL, "model.moe_layers=none", "continual=naive", "continual.stream=[en,de]",
+                 f"run.dir={run}"]) == 0
+    assert report(run)["routing"] == [{}, {}]
+
+
+BAD = [
+    (["continual.stream=[en,klingon]"], "klingon"),
+    (["continual.stream=[]"], "continual.stream is empty"),
+    (["continual.freeze=[old_experts,decoder]"], "'decoder'"),
+    (["continual.strategy=add_freeze_merge", "continual.merge_budget=3"], "merge_budget=3"),
+    (["continual.strategy=replay", "continual.replay=0.2", "continual.stream=[en]"], "earlier stage"),
+    (["continual.strategy=teleport"], "continual.strategy='teleport'"),
+]
+
+
+@pytest.mark.parametrize("overrides,fragment", BAD, ids=[b[1] for b in BAD])
+def test_bad_continual_input(overrides, fragment, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["continual", *SMALL, *overrides, f"run.dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and fragment in err and len(err.strip().splitlines()) == 1
+    assert not run.exists()
+
+
+def test_resume_mid_stream_gives_the_same_matrix(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    args = [*SMALL, "continual.stream=[en,de,code_py]", "continual.steps_per_stage=6", "train.checkpoint_every=2",
+            "train.threads=1", "continual.plots=false"]
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, "-m", "modular", "continual", *args, f"run.dir={reference}"], check=True,
+                   env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "modular", "continual", *args, f"run.dir={killed}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = killed / "stages" / "01-de" / "checkpoints" / "step_0000004"  # mid-way through stage 1
+    deadline = time.time() + 180
+    while time.time() < deadline and not target.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists()
+    state = json.loads((killed / "continual_state.json").read_text())
+    assert len(state["stages"]) == 1  # stopped inside stage 1
+    subprocess.run([sys.executable, "-m", "modular", "continual", f"run.dir={killed}"], check=True, env=env,
+                   capture_output=True)
+    assert report(killed)["matrix"] == report(reference)["matrix"]
