@@ -85,9 +85,17 @@ class MoELayer(nn.Module):
             capacity = expert_capacity(T, E, self.top_k, float(cf))
             routed = apply_capacity(routed, capacity, E, self.routing_cfg.drop_policy)
 
-        x_sorted, token_sorted, order, counts = permute(x_TD, routed.token_idx, routed.expert_idx, E)
-        y_sorted = self._run_banks(x_sorted, counts)
-        y_TD = combine(y_sorted, token_sorted, routed.weight[order], T)
+        if self._fused_triton():
+            from modular.kernels.triton_swiglu import swiglu_moe
+
+            order = torch.argsort(routed.expert_idx, stable=True)
+            counts = torch.bincount(routed.expert_idx, minlength=E)
+            y_TD = swiglu_moe(x_TD, list(self.banks), counts, routed.token_idx[order], order, routed.weight[order],
+                              routed.token_idx)
+        else:
+            x_sorted, token_sorted, order, counts = permute(x_TD, routed.token_idx, routed.expert_idx, E)
+            y_sorted = self._run_banks(x_sorted, counts)
+            y_TD = combine(y_sorted, token_sorted, routed.weight[order], T)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 
@@ -100,6 +108,11 @@ class MoELayer(nn.Module):
                                         routed.dropped_assignments)
         self.last_stats["bank_sizes"] = self.bank_sizes()
         return y_TD.reshape(shape)
+
+    def _fused_triton(self) -> bool:
+        """All banks SwiGLU on the Triton backend: gather/scatter fused into the expert GEMMs, one launch
+        per projection over every bank."""
+        return self.backend == "triton" and all(bank.registry_name == "swiglu" for bank in self.banks)
 
     def _run_banks(self, x_sorted_AD: Tensor, counts_E: Tensor) -> Tensor:
         if len(self.banks) == 1:
