@@ -76,9 +76,9 @@ def validate_continual(cfg) -> None:
                 f"plus one merged expert; use a budget of at least {base + 1}."
             )
     if c.strategy in AVALANCHE:
-        from modular.continual.avalanche_adapter import require_avalanche
+        from modular.continual.avalanche_adapter import validate_avalanche
 
-        require_avalanche(c.strategy)
+        validate_avalanche(cfg)
     for key in ("review_steps", "stage_warmup_steps", "eval_batches", "usage_batches"):
         if c[key] < 0 or (key in ("eval_batches", "usage_batches") and c[key] < 1):
             raise ConfigError(f"continual.{key}={c[key]} is not allowed; it must be a positive integer.")

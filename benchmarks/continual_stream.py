@@ -1,0 +1,76 @@
+"""Continual strategies side by side on the real corpora: en → de → code_py → fr, equal budget per stage.
+
+Runs `modular continual` once per strategy (naive, replay 5% and 25%, EWC through Avalanche, add+freeze,
+add+freeze+merge to a budget, joint) with the same model, stream, steps and batch per stage, then prints
+final average perplexity, mean forgetting on earlier domains, new-domain perplexity (mean of each
+domain's perplexity right after its own stage), parameters and training FLOPs per strategy.
+
+    python benchmarks/continual_stream.py [--steps 150] [--out runs/bench-continual] [--only add_freeze,naive]
+                                          [overrides ...]
+Runs resume: rerunning with the same --out reuses finished strategies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+STRATEGIES = {
+    "naive": ["continual=naive"],
+    "replay 5%": ["continual=replay", "continual.replay=0.05"],
+    "replay 25%": ["continual=replay", "continual.replay=0.25"],
+    "ewc (avalanche)": ["continual=ewc"],
+    "add+freeze": ["continual=add_freeze"],
+    "add+freeze+merge": ["continual=add_freeze_merge"],
+    "joint": ["continual=joint"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per stage (every strategy)")
+    parser.add_argument("--out", default="runs/bench-continual")
+    parser.add_argument("--only", default="", help="comma-separated strategy names (default: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="overrides applied to every strategy")
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "offline")
+
+    from modular.cli import main as cli
+
+    common = ["data=corpora", "continual.stream=[en,de,code_py,fr]", f"continual.steps_per_stage={args.steps}",
+              "train.progress=false", f"train.threads={args.threads}", *args.overrides]
+    chosen = [s for s in STRATEGIES if not args.only or s in args.only.split(",")]
+    rows = []
+    for name in chosen:
+        run = Path(args.out) / name.replace(" ", "_").replace("%", "pct").replace("+", "_").replace("(", "").replace(")", "")
+        if not (run / "report.json").exists():
+            start = time.perf_counter()
+            code = cli(["continual", *common, *STRATEGIES[name], f"run.dir={run}"])
+            if code != 0:
+                print(f"{name}: failed with exit code {code}")
+                continue
+            print(f"{name}: {time.perf_counter() - start:.0f} s")
+        rows.append((name, json.loads((run / "report.json").read_text())))
+
+    print(f"\n# continual stream en → de → code_py → fr, {args.steps} steps per stage; {platform.machine()}, "
+          f"overrides: {' '.join(args.overrides) or '(defaults)'}")
+    header = ("| strategy | final avg ppl | mean forgetting (earlier domains) | new-domain ppl (mean) | "
+              "ppl after last stage (en, de, code_py, fr) | params total / active (final) | training FLOPs |")
+    print(header)
+    print("|---|---:|---:|---:|---|---:|---:|")
+    for name, r in rows:
+        later = r["plasticity"][1:]
+        forgetting = r["mean_forgetting_relative"]
+        print(f"| {name} | {r['final_average_perplexity']:.2f} | "
+              f"{forgetting * 100:+.1f}% | {sum(later) / len(later):.2f} | "
+              f"{', '.join(f'{x:.2f}' for x in r['matrix'][-1])} | "
+              f"{r['params_total'][-1] / 1e6:.2f}M / {r['params_active'][-1] / 1e6:.2f}M | {r['flops_total']:.3e} |")
+
+
+if __name__ == "__main__":
+    main()
