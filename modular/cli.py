@@ -20,6 +20,10 @@ Commands:
   train     train the composed model on data= (default: the embedded sample corpus); resumes run.dir
   continual run a stream of domains (continual.stream=[en,de,code_py]): grow, freeze, merge experts;
             writes report.json, report.md and plots to run.dir
+  export    write run.dir's latest checkpoint for Hugging Face: export.format=llama-dense (merged,
+            export.merge=frequency|uniform|concat|task_arithmetic|ties) | mixtral | qwen2-moe | moe
+  upcycle   turn a dense Llama (HF folder or .gguf: upcycle.source=PATH) into an MoE run folder
+            (upcycle.num_experts=E run.dir=RUN) that modular train / continual continue
   eval      print per-domain validation loss, perplexity and bits per byte of run.dir's latest checkpoint
   tokenizer train   train a byte-level BPE tokenizer on data= (tokenizer.vocab_size=N tokenizer.out=DIR)
 
@@ -98,7 +102,20 @@ def cmd_continual(overrides: list[str]) -> int:
     return continual_command(overrides)
 
 
-COMMANDS = {"info": cmd_info, "train": cmd_train, "continual": cmd_continual, "eval": cmd_eval, "tokenizer": cmd_tokenizer}
+def cmd_export(overrides: list[str]) -> int:
+    from modular.export.command import export_command
+
+    return export_command(overrides)
+
+
+def cmd_upcycle(overrides: list[str]) -> int:
+    from modular.export.command import upcycle_command
+
+    return upcycle_command(overrides)
+
+
+COMMANDS = {"info": cmd_info, "train": cmd_train, "continual": cmd_continual, "export": cmd_export,
+            "upcycle": cmd_upcycle, "eval": cmd_eval, "tokenizer": cmd_tokenizer}
 
 
 def command_help(name: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 from modular.continual.config import ContinualConfig
 from modular.data.config import DataConfig
 from modular.errors import ConfigError
+from modular.export.config import ExportConfig, UpcycleConfig, validate_export, validate_upcycle
 from modular.parallel.config import ParallelConfig, validate_parallel
 from modular.train.config import TrainConfig
 
@@ -103,6 +104,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     seed: int = 0
 
 
@@ -116,6 +119,8 @@ GROUP_SCHEMAS = {
     "train": TrainConfig,
     "continual": ContinualConfig,
     "parallel": ParallelConfig,
+    "export": ExportConfig,
+    "upcycle": UpcycleConfig,
 }
 
 _registered = False
@@ -432,6 +437,8 @@ def validate(cfg) -> None:
         f"kernels.backend='{k.backend}' is unknown; allowed: auto, torch, triton, megablocks.",
     )
     validate_train(cfg)
+    validate_export(cfg)
+    validate_upcycle(cfg)
     validate_parallel(cfg, experts_per_moe_layer(cfg), moe)
     from modular.data.config import as_data_config
 

@@ -42,3 +42,4 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     progress: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    init_from: Optional[str] = None  # a checkpoint folder (model.safetensors) to start from when run.dir has none

@@ -1,0 +1,58 @@
+"""MoE → Hugging Face MoE, lossless: MixtralForCausalLM where the model fits Mixtral, else Qwen2MoeForCausalLM.
+
+A model that fits neither is refused with the list of features that do not fit; nothing is approximated.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from modular.errors import ConfigError
+from modular.export.adapters import MixtralAdapter, Qwen2MoeAdapter, StateDictAdapter
+from modular.export.folder import write_hf_folder
+from modular.export.writer import DEFAULT_MAX_SHARD_SIZE
+
+MOE_FORMATS = ("auto", "mixtral", "qwen2_moe")
+
+
+def choose_moe_adapter(state_dict, cfg, format: str = "auto") -> StateDictAdapter:
+    """The adapter for `format`; "auto" prefers Mixtral (the most widely supported) and falls back to Qwen2-MoE."""
+    if format not in MOE_FORMATS:
+        raise ConfigError(f"export format '{format}' is unknown for an MoE export; allowed: {', '.join(MOE_FORMATS)}.")
+    if format == "mixtral":
+        adapter: StateDictAdapter = MixtralAdapter()
+        adapter.check(state_dict, cfg)
+        return adapter
+    if format == "qwen2_moe":
+        adapter = Qwen2MoeAdapter()
+        adapter.check(state_dict, cfg)
+        return adapter
+    mixtral, qwen = MixtralAdapter(), Qwen2MoeAdapter()
+    mixtral_misfits = mixtral.misfits(state_dict, cfg)
+    if not mixtral_misfits:
+        return mixtral
+    qwen_misfits = qwen.misfits(state_dict, cfg)
+    if not qwen_misfits:
+        return qwen
+    raise ConfigError(
+        f"the model fits no Hugging Face MoE format: for Mixtral, {'; '.join(mixtral_misfits)}; for Qwen2-MoE, "
+        f"{'; '.join(qwen_misfits)} — export a merged dense model instead (format=llama-dense)."
+    )
+
+
+def export_moe(model, cfg, tokenizer, out_dir: str | os.PathLike, *, format: str = "auto", overwrite: bool = False,
+               dtype: torch.dtype | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write `model` as an HF MoE folder that `AutoModelForCausalLM.from_pretrained` loads with no custom code.
+
+    The export is exact: the reloaded model computes our logits (up to float rounding) — same router
+    (softmax, top-k, renormalised or not), same experts (banks concatenated, low-rank ones materialised).
+    Returns the folder.
+    """
+    state_dict = model.state_dict()
+    adapter = choose_moe_adapter(state_dict, cfg, format)
+    return write_hf_folder(adapter, state_dict, cfg, tokenizer, out_dir, overwrite=overwrite, dtype=dtype,
+                           max_shard_size=max_shard_size,
+                           info={"kind": "moe", "exact": True, "model_type": adapter.model_type})
