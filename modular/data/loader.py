@@ -43,14 +43,22 @@ class MixtureLoader:
 
     Windows cross document boundaries (documents are packed [bos] ids [eos]). `rank` gives each
     data-parallel process its own stream; state_dict() / load_state_dict() save and restore the position.
+    With `num_shards` = W > 1 every step draws one global batch of W·batch_size rows and this loader
+    yields rows [shard·batch_size, (shard+1)·batch_size) of it: the union over shards 0..W-1 is the
+    batch a single loader with batch_size·W yields, and its state resumes at either world size.
     """
 
     def __init__(self, shards: Mapping[str, TokenShard], batch_size: int, seq_len: int, *,
-                 weights: Mapping[str, float] | None = None, seed: int = 0, rank: int = 0):
+                 weights: Mapping[str, float] | None = None, seed: int = 0, rank: int = 0,
+                 shard: int = 0, num_shards: int = 1):
         _check_int("batch_size", batch_size, 1)
         _check_int("seq_len", seq_len, 1)
         _check_int("seed", seed, 0)
         _check_int("rank", rank, 0)
+        _check_int("num_shards", num_shards, 1)
+        _check_int("shard", shard, 0)
+        if shard >= num_shards:
+            raise ConfigError(f"shard={shard} is not allowed; use 0 <= shard < num_shards={num_shards}.")
         if not shards:
             raise ConfigError("the training mixture has no domains; give at least one shard.")
         weights = {d: 1.0 for d in shards} if weights is None else dict(weights)
@@ -64,6 +72,7 @@ class MixtureLoader:
         self.weights = tuple(float(weights[d]) for d in self.domain_names)
         self.probabilities = np.array(self.weights) / sum(self.weights)
         self.batch_size, self.seq_len, self.seed, self.rank = batch_size, seq_len, seed, rank
+        self.shard, self.num_shards = shard, num_shards
         self._tokens = [shards[d].tokens for d in self.domain_names]
         self._num_tokens = np.array([shards[d].num_tokens for d in self.domain_names], dtype=np.int64)
         for name, n in zip(self.domain_names, self._num_tokens):
@@ -75,7 +84,8 @@ class MixtureLoader:
     @classmethod
     def from_config(cls, data_cfg: DataConfig, batch_size: int, seq_len: int, *,
                     weights: Mapping[str, float] | None = None, seed: int = 0, rank: int = 0,
-                    progress: bool | None = None, tokenizer: Tokenizer | None = None) -> MixtureLoader:
+                    progress: bool | None = None, tokenizer: Tokenizer | None = None,
+                    shard: int = 0, num_shards: int = 1) -> MixtureLoader:
         """Build (or reuse) the train shards and mix them by `weights` (default: the config's weights).
 
         The keys of `weights` choose the domains, e.g. {"de": 0.8, "en": 0.2} for a stage with replay.
@@ -84,12 +94,16 @@ class MixtureLoader:
         if weights is None:
             weights = {name: dom.weight for name, dom in cfg.domains.items()}
         shards = build_all_shards(cfg, "train", domains=list(weights), tokenizer=tokenizer, progress=progress)
-        return cls(shards, batch_size, seq_len, weights=weights, seed=seed, rank=rank)
+        return cls(shards, batch_size, seq_len, weights=weights, seed=seed, rank=rank, shard=shard,
+                   num_shards=num_shards)
 
     def batch_at(self, step: int) -> Batch:
         rng = np.random.default_rng([self.seed, self.rank, step])
-        domain_ids = rng.choice(len(self.domain_names), size=self.batch_size, p=self.probabilities)  # (B,)
-        starts = rng.integers(0, self._num_tokens[domain_ids] - self.seq_len)  # (B,): every window fits
+        global_rows = self.batch_size * self.num_shards  # this loader keeps its shard's rows of them
+        domain_ids = rng.choice(len(self.domain_names), size=global_rows, p=self.probabilities)  # (W·B,)
+        starts = rng.integers(0, self._num_tokens[domain_ids] - self.seq_len)  # (W·B,): every window fits
+        mine = slice(self.shard * self.batch_size, (self.shard + 1) * self.batch_size)
+        domain_ids, starts = domain_ids[mine], starts[mine]  # (B,)
         rows = np.stack([self._tokens[d][s:s + self.seq_len + 1] for d, s in zip(domain_ids, starts)])
         return Batch(torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(domain_ids.astype(np.int64)),
                      self.domain_names)
@@ -103,9 +117,12 @@ class MixtureLoader:
         return batch
 
     def state_dict(self) -> dict:
-        """JSON-serialisable position plus the settings that decide the stream (checked on restore)."""
+        """JSON-serialisable position plus the settings that decide the stream (checked on restore).
+
+        batch_size is the global batch (rows over all shards), so a state resumes at another world size.
+        """
         return {"version": STATE_VERSION, "step": self.step, "seed": self.seed, "rank": self.rank,
-                "batch_size": self.batch_size, "seq_len": self.seq_len, "domains": list(self.domain_names),
+                "batch_size": self.batch_size * self.num_shards, "seq_len": self.seq_len, "domains": list(self.domain_names),
                 "weights": list(self.weights), "num_tokens": [int(n) for n in self._num_tokens]}
 
     def load_state_dict(self, state: Mapping, strict: bool = True) -> None:

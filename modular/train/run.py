@@ -41,8 +41,13 @@ def compose_run(overrides: list[str]):
     return cfg, all_overrides, folder
 
 
-def prepare_data(cfg, domains: list[str] | None = None):
-    """Tokenizer, training mixture and validation sets; every data error surfaces here, before any write."""
+def prepare_data(cfg, domains: list[str] | None = None, parallel=None):
+    """Tokenizer, training mixture and validation sets; every data error surfaces here, before any write.
+
+    With `parallel` (modular.parallel's ParallelContext) each rank's loader yields its own rows of one
+    global batch of world_size · train.batch_size rows; every rank evaluates the same validation batches
+    of that global size, so evaluation reads as in one process.
+    """
     from modular.data.loader import MixtureLoader, validation_sets
     from modular.data.tokenizer import load_tokenizer
 
@@ -54,9 +59,11 @@ def prepare_data(cfg, domains: list[str] | None = None):
         )
     t = cfg.train
     weights = {d: float(cfg.data.domains[d].weight) for d in (domains or cfg.data.domains)}
+    shard = {} if parallel is None else {"shard": parallel.rank, "num_shards": parallel.world_size}
     loader = MixtureLoader.from_config(cfg.data, t.batch_size, t.seq_len, weights=weights, seed=cfg.seed,
-                                       progress=t.progress, tokenizer=tokenizer)
-    val_sets = validation_sets(cfg.data, t.batch_size, t.seq_len, max_batches=t.eval_batches, progress=t.progress,
+                                       progress=t.progress, tokenizer=tokenizer, **shard)
+    val_batch = t.batch_size * (parallel.world_size if parallel is not None else 1)
+    val_sets = validation_sets(cfg.data, val_batch, t.seq_len, max_batches=t.eval_batches, progress=t.progress,
                                tokenizer=tokenizer)
     return tokenizer, loader, val_sets
 
@@ -67,35 +74,56 @@ def _check_run_dir(folder: Path) -> None:
 
 
 def train_command(overrides: list[str]) -> int:
+    from modular.parallel.mesh import init_parallel, shutdown
+
+    cfg, all_overrides, folder = compose_run(overrides)
+    # Under torchrun: the process group and the (dp, ep) mesh; None (and nothing set up) for one process.
+    parallel = init_parallel(cfg)
+    if parallel is None:
+        return _train(cfg, all_overrides, folder, None)
+    try:  # rank 0's folder (its name may hold a timestamp) and overrides on every rank
+        all_overrides, folder = parallel.broadcast_object((all_overrides, folder))
+        return _train(cfg, all_overrides, folder, parallel)
+    finally:
+        shutdown()
+
+
+def _train(cfg, all_overrides: list[str], folder: Path, parallel) -> int:
     from modular.models import build_model
     from modular.train.evaluate import format_eval_table
     from modular.train.trainer import Trainer
 
-    cfg, all_overrides, folder = compose_run(overrides)
+    main = parallel is None or parallel.is_main  # one process prints and writes the run's files
+    print_ = print if main else (lambda *args: None)
     _check_run_dir(folder)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    tokenizer, loader, val_sets = prepare_data(cfg)
+    if parallel is None:
+        tokenizer, loader, val_sets = prepare_data(cfg)
+    else:  # rank 0 builds (or checks) the token-shard cache, then the others read it
+        tokenizer, loader, val_sets = parallel.main_first(lambda: prepare_data(cfg, parallel=parallel))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
 
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "overrides.json", all_overrides)
     record = to_dict(cfg)
-    atomic_write_text(folder / "config.json", json.dumps(record, indent=2) + "\n")
-    trainer = Trainer(cfg, folder, model, loader, val_sets, config_record=record)
+    if main:
+        atomic_write_json(folder / "overrides.json", all_overrides)
+        atomic_write_text(folder / "config.json", json.dumps(record, indent=2) + "\n")
+    trainer = Trainer(cfg, folder, model, loader, val_sets, config_record=record, parallel=parallel)
     if trainer.resume():
-        print(f"resuming {folder} from step {trainer.step}")
+        print_(f"resuming {folder} from step {trainer.step}")
     else:
-        print(f"training in {folder}")
+        print_(f"training in {folder}" + (f" on {parallel.world_size} processes (dp={parallel.dp}, ep={parallel.ep}, "
+                                          f"{parallel.backend})" if parallel else ""))
     if trainer.step >= cfg.train.max_steps:
-        print(f"{folder} already reached train.max_steps={cfg.train.max_steps}; raise it to train further.")
+        print_(f"{folder} already reached train.max_steps={cfg.train.max_steps}; raise it to train further.")
         return 0
     results = trainer.fit()
     if results:
-        print(format_eval_table(results))
+        print_(format_eval_table(results))
     if trainer.stopped_by_signal is not None:
-        print(f"resume with: modular train run.dir={folder}")
+        print_(f"resume with: modular train run.dir={folder}")
         return 128 + int(trainer.stopped_by_signal)
     return 0
 

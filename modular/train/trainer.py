@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -18,6 +19,10 @@ import torch
 
 from modular.errors import UserError
 from modular.models.structure import apply_structure, model_structure
+from modular.parallel import checkpoint as parallel_ckpt
+from modular.parallel import data_parallel
+from modular.parallel.expert_parallel import parallelize_moe_layers
+from modular.parallel.mesh import current as current_parallel
 from modular.train import checkpoint as ckpt
 from modular.train.evaluate import evaluate, format_eval_table
 from modular.train.loggers import JsonlLogger, Loggers, WandbLogger
@@ -75,7 +80,7 @@ class Trainer:
     """Train `model` on `loader` (a MixtureLoader), evaluating on `val_sets` ({domain: ValidationSet})."""
 
     def __init__(self, cfg, run_dir: str | Path, model, loader, val_sets: dict, *, config_record: dict | None = None,
-                 step_offset: int = 0, log_prefix: dict | None = None):
+                 step_offset: int = 0, log_prefix: dict | None = None, parallel=None):
         self.cfg = cfg
         self.tcfg = cfg.train
         self.run_dir = Path(run_dir)
@@ -84,13 +89,22 @@ class Trainer:
         self.val_sets = val_sets
         self.config_record = config_record or {}
         self.log_prefix = log_prefix or {}
+        # modular.parallel's ParallelContext under torchrun (default: the one set up in this process), else None.
+        self.parallel = parallel if parallel is not None else current_parallel()
+        if self.parallel is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError(  # each process would train alone and write the same run folder
+                f"This process is one of WORLD_SIZE={os.environ['WORLD_SIZE']} started by torchrun, but its command "
+                "did not set up modular.parallel (init_parallel); run it as one process or use `modular train`."
+            )
         self.device = resolve_device(self.tcfg.device)
         self.autocast = autocast_for(self.tcfg.dtype, self.device)
         self.model.to(self.device)
         from modular.kernels import resolve_backend
 
         self.model.set_backend(resolve_backend(cfg.kernels.backend, self.device))
-        self.forward_model = torch.compile(self.model) if self.tcfg.compile else self.model
+        if self.parallel is not None:
+            parallelize_moe_layers(self.model, self.parallel)  # each EP rank keeps its share of the experts
+        self.forward_model = self._forward_model()
         self.optimizer = build_optimizer(self.model, self.tcfg)
         self.lr_at = schedule_from_config(self.tcfg)
         self.step = 0
@@ -100,12 +114,21 @@ class Trainer:
         self.stopped_by_signal: int | None = None
         self.loss_hooks: list = []  # callables (batch, output) -> extra loss added to the step's loss
 
+    def _forward_model(self):
+        """What the loop calls: the model, inside DDP under data parallelism, compiled if asked."""
+        model = self.model if self.parallel is None else data_parallel.wrap_data_parallel(self.model, self.parallel)
+        return torch.compile(model) if self.tcfg.compile else model
+
     # -- state ----------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
         return {"tokens": self.tokens, "skipped_steps": self.skipped_steps, "loader": self.loader.state_dict(),
                 "structure": model_structure(self.model), "last_eval": self.last_eval}
 
     def save(self) -> Path:
+        if self.parallel is not None:  # gather-on-save: rank 0 writes the single-process checkpoint
+            return parallel_ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
+                                                 self.trainer_state(), self.config_record, self.parallel,
+                                                 keep=self.tcfg.keep_checkpoints)
         return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
                                     self.config_record, keep=self.tcfg.keep_checkpoints)
 
@@ -118,9 +141,16 @@ class Trainer:
         state = ckpt.read_trainer_state(folder)
         apply_structure(self.model, state.get("structure", {}))
         self.model.to(self.device)
-        ckpt.load_model_weights(self.model, folder)
+        if self.parallel is None:
+            ckpt.load_model_weights(self.model, folder)
+        else:  # each rank slices the full checkpoint to its experts; DDP follows the (new) parameters
+            parallel_ckpt.load_model_weights(self.model, folder, self.parallel)
+            self.forward_model = self._forward_model()
         self.optimizer = build_optimizer(self.model, self.tcfg)  # the structure may have changed the parameters
-        ckpt.load_optimizer_state(self.optimizer, folder)
+        if self.parallel is None:
+            ckpt.load_optimizer_state(self.optimizer, folder)
+        else:
+            parallel_ckpt.load_optimizer_state(self.optimizer, self.model, folder, self.parallel)
         self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
@@ -138,8 +168,10 @@ class Trainer:
         accum = self.tcfg.grad_accum
         lm_total, aux_total = 0.0, 0.0
         finite = True
-        for _ in range(accum):
+        for micro in range(accum):
             batch = next(self.loader).to(self.device)
+            if self.parallel is not None:  # DDP reduces once per optimizer step, after the last micro-batch
+                data_parallel.set_grad_sync(self.forward_model, micro == accum - 1)
             with self.autocast():
                 out = self.forward_model(batch.inputs, batch.targets)
                 loss = out.loss
@@ -148,16 +180,24 @@ class Trainer:
             loss = loss / accum
             if not torch.isfinite(loss):
                 finite = False
-                break
+                if self.parallel is None:  # in parallel every rank runs every backward (they hold collectives)
+                    break
             loss.backward()
             lm_total += float(out.lm_loss.detach()) / accum
             aux_total += float(out.aux_loss.detach()) / accum
-            self.tokens += batch.targets.numel()
+            self.tokens += batch.targets.numel() * (self.parallel.world_size if self.parallel is not None else 1)
+        if self.parallel is not None:  # the global batch: expert gradients averaged, one verdict, mean losses
+            data_parallel.reduce_expert_gradients(self.model, self.parallel)
+            finite = self.parallel.all_true(finite)
+            lm_total, aux_total = self.parallel.mean(lm_total, aux_total)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = float("nan")
         if finite:
             clip = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            if self.parallel is None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            else:  # the norm of the whole model's gradient, expert slices of every EP rank included
+                grad_norm = float(data_parallel.clip_grad_norm_(self.model, clip, self.parallel))
             finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -193,15 +233,16 @@ class Trainer:
         max_steps = self.tcfg.max_steps if max_steps is None else max_steps
         resumed_from = self.step
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        loggers = [JsonlLogger(self.run_dir / "metrics.jsonl", resume_step=self.step)]
-        if self.tcfg.wandb.enabled:
+        main = self.parallel is None or self.parallel.is_main  # one process logs, shows progress and prints
+        loggers = [JsonlLogger(self.run_dir / "metrics.jsonl", resume_step=self.step)] if main else []
+        if main and self.tcfg.wandb.enabled:
             loggers.append(WandbLogger(self.tcfg.wandb, self.run_dir, self.run_dir.name, self.config_record))
         logger = Loggers(loggers)
         self.model.train()
         consecutive_nonfinite = 0
         window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
-        bar = tqdm(total=max_steps, initial=self.step, desc=progress_desc, disable=not self.tcfg.progress,
-                   dynamic_ncols=True, leave=True)
+        bar = tqdm(total=max_steps, initial=self.step, desc=progress_desc,
+                   disable=not (self.tcfg.progress and main), dynamic_ncols=True, leave=True)
         try:
             with _StopRequest() as stop:
                 while self.step < max_steps:
@@ -234,14 +275,20 @@ class Trainer:
                         window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
                     if self.val_sets and (self.step % self.tcfg.eval_every == 0 or self.step == max_steps):
                         results = self.run_eval(logger)
-                        bar.write(f"step {self.step}: " + ", ".join(
-                            f"{d} loss {r['loss']:.3f} bpb {r['bpb']:.3f}" for d, r in results.items()))
+                        if main:
+                            bar.write(f"step {self.step}: " + ", ".join(
+                                f"{d} loss {r['loss']:.3f} bpb {r['bpb']:.3f}" for d, r in results.items()))
                     if self.step % self.tcfg.checkpoint_every == 0 or self.step == max_steps:
                         self.save()
-                    if stop.signal is not None:
-                        self.stopped_by_signal = stop.signal
+                    stop_now = stop.signal is not None
+                    if self.parallel is not None:  # all ranks stop after the same step, or the others would wait
+                        stop_now = self.parallel.any_true(stop_now)
+                    if stop_now:
+                        self.stopped_by_signal = stop.signal or int(signal.SIGTERM)
                         folder = self.save()
-                        bar.write(f"stopped by signal {stop.signal} at step {self.step}; checkpoint saved to {folder}")
+                        if main:
+                            bar.write(f"stopped by signal {self.stopped_by_signal} at step {self.step}; "
+                                      f"checkpoint saved to {folder}")
                         break
         finally:
             bar.close()
