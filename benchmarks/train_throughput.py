@@ -65,7 +65,7 @@ def main() -> None:
 
     print(f"# train throughput, {platform.machine()} {platform.processor() or ''} torch {torch.__version__}, "
           f"{args.threads} threads, batch {t.batch_size}x{t.seq_len}, {args.steps} steps x {args.rounds} rounds")
-    print(f"| model | total params | active params | train FLOPs/token | tokens/s (best round) | ratio to dense |")
+    print("| model | total params | active params | train FLOPs/token | tokens/s (best round) | ratio to dense |")
     print("|---|---:|---:|---:|---:|---:|")
     rates = {name: tokens_per_round / min(s) for name, s in seconds.items()}
     dense_rate = rates["dense, same active"]

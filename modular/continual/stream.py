@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -225,6 +226,8 @@ class ContinualRun:
         steps = self.c.steps_per_stage
         torch.manual_seed(self.cfg.seed)
         model = build_model(self.cfg)
+        if self.cfg.train.init_from:  # e.g. an upcycled model; a checkpoint of this run takes precedence below
+            ckpt.load_initial_weights(model, self.cfg.train.init_from)
         done = len(self.state["stages"])
         optimizer = None
         old_banks_prev: dict[int, int] | None = None
@@ -360,6 +363,9 @@ def continual_command(overrides: list[str]) -> int:
 
     cfg, all_overrides, folder = compose_run(overrides)
     validate_continual(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("modular continual runs in one process for now (WORLD_SIZE="
+                          f"{os.environ['WORLD_SIZE']}); launch it without torchrun, or use modular train under torchrun.")
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"run.dir={folder} is a file, not a folder; choose another run.dir.")
     if cfg.train.threads > 0:

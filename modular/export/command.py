@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from modular.errors import ConfigError, UserError
+from modular.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 UPCYCLE_RECORD = "upcycle.json"
@@ -24,28 +24,6 @@ _ARCHITECTURE_KEYS = ("model.vocab_size", "model.d_model", "model.n_layers", "mo
 
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
-
-
-def load_run_model(overrides: list[str]):
-    """(model, cfg, run folder, checkpoint) of run.dir's latest checkpoint, verified before loading."""
-    from modular.models import build_model
-    from modular.models.structure import apply_structure
-    from modular.train import checkpoint as ckpt
-    from modular.train.run import _override_value, compose_run
-
-    if not _override_value(overrides, "run.dir"):
-        raise ConfigError("modular export needs run.dir=DIR, a folder written by modular train, continual or upcycle.")
-    cfg, _, folder = compose_run(overrides)
-    if not folder.is_dir():
-        raise UserError(f"run.dir={folder} does not exist; give the folder of a train or continual run.")
-    checkpoint = ckpt.latest_checkpoint(folder)
-    if checkpoint is None:
-        raise UserError(f"run.dir={folder} has no checkpoint yet; train first (modular train run.dir={folder}).")
-    ckpt.verify_checkpoint(checkpoint)
-    model = build_model(cfg)
-    apply_structure(model, ckpt.read_trainer_state(checkpoint).get("structure", {}))
-    ckpt.load_model_weights(model, checkpoint)
-    return model.eval(), cfg, folder, checkpoint
 
 
 def _seed_source(cfg, folder: Path) -> str | None:
@@ -66,7 +44,9 @@ def export_command(overrides: list[str]) -> int:
     from modular.export.report import export_report
     from modular.export.upcycle import load_hf_llama
 
-    model, cfg, folder, checkpoint = load_run_model(overrides)
+    from modular.train.run import load_run_model
+
+    model, cfg, folder, checkpoint = load_run_model(overrides, "export")
     e = cfg.export
     out = Path(e.out) if e.out else folder / "export" / e.format
     dtype = None if e.dtype == "auto" else DTYPES[e.dtype]
@@ -155,7 +135,7 @@ def upcycle_command(overrides: list[str]) -> int:
         (tmp / "upcycled").mkdir()
         save_file(unique_state_dict(moe), str(tmp / UPCYCLED_WEIGHTS), metadata={"format": "pt"})
         # A folder holding model.safetensors, so the trainer can load it with checkpoint.load_model_weights.
-        init = [f"train.init_from={(folder / UPCYCLED_WEIGHTS).parent}"] if _has_init_from(cfg) else []
+        init = [f"train.init_from={(folder / UPCYCLED_WEIGHTS).parent}"]
         # The architecture last: it must win over a passthrough routing.top_k (upcycle.top_k decided it).
         run_overrides = passthrough + extra + modular_overrides_from_cfg(moe_cfg) + init + [f"run.dir={folder}"]
         compose_config(run_overrides)  # the run folder must compose exactly like `modular train` will
@@ -170,13 +150,7 @@ def upcycle_command(overrides: list[str]) -> int:
     print(f"upcycled {u.source}: {len(moe.moe_layers)} MoE layers x {u.num_experts} experts, top-{moe_cfg.routing.top_k}; "
           f"step-0 max |logit difference| to the dense model {step0_diff:.2e}")
     print(f"wrote {folder}; train it with: modular train run.dir={folder}")
-    if not init:
-        print("note: this version's trainer has no train.init_from; load upcycled/model.safetensors yourself.")
     return 0
-
-
-def _has_init_from(cfg) -> bool:
-    return "init_from" in cfg.train
 
 
 def modular_overrides_from_cfg(cfg) -> list[str]:

@@ -180,3 +180,11 @@ def load_optimizer_state(optimizer, folder: Path) -> None:
             f"({type(exc).__name__})."
         ) from None
     optimizer.load_state_dict(state)
+
+
+def load_initial_weights(model: torch.nn.Module, init_from: str | os.PathLike) -> None:
+    """Start a run from another run's weights (e.g. an upcycled model): `init_from` holds model.safetensors."""
+    folder = Path(init_from).expanduser()
+    if not (folder / "model.safetensors").is_file():
+        raise CheckpointError(f"train.init_from={folder} has no model.safetensors; give a checkpoint folder.")
+    load_model_weights(model, folder)

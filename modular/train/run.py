@@ -90,6 +90,7 @@ def train_command(overrides: list[str]) -> int:
 
 def _train(cfg, all_overrides: list[str], folder: Path, parallel) -> int:
     from modular.models import build_model
+    from modular.train import checkpoint as ckpt
     from modular.train.evaluate import format_eval_table
     from modular.train.trainer import Trainer
 
@@ -104,6 +105,8 @@ def _train(cfg, all_overrides: list[str], folder: Path, parallel) -> int:
         tokenizer, loader, val_sets = parallel.main_first(lambda: prepare_data(cfg, parallel=parallel))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
+    if cfg.train.init_from and ckpt.latest_checkpoint(folder) is None:
+        ckpt.load_initial_weights(model, cfg.train.init_from)
 
     folder.mkdir(parents=True, exist_ok=True)
     record = to_dict(cfg)
@@ -128,15 +131,15 @@ def _train(cfg, all_overrides: list[str], folder: Path, parallel) -> int:
     return 0
 
 
-def eval_command(overrides: list[str]) -> int:
+def load_run_model(overrides: list[str], command: str):
+    """(model in eval mode, cfg, run folder, checkpoint) of run.dir's latest checkpoint, verified first."""
     from modular.models import build_model
     from modular.models.structure import apply_structure
     from modular.train import checkpoint as ckpt
-    from modular.train.evaluate import evaluate, format_eval_table
-    from modular.train.trainer import autocast_for, resolve_device
 
     if not _override_value(overrides, "run.dir"):
-        raise ConfigError("modular eval needs run.dir=DIR, a folder written by modular train or modular continual.")
+        raise ConfigError(f"modular {command} needs run.dir=DIR, a folder written by modular train, continual "
+                          "or upcycle.")
     cfg, _, folder = compose_run(overrides)
     if not folder.is_dir():
         raise UserError(f"run.dir={folder} does not exist; give the folder of a train or continual run.")
@@ -144,17 +147,24 @@ def eval_command(overrides: list[str]) -> int:
     if checkpoint is None:
         raise UserError(f"run.dir={folder} has no checkpoint yet; train first (modular train run.dir={folder}).")
     ckpt.verify_checkpoint(checkpoint)
-    from modular.data.loader import validation_sets
-
-    val_sets = validation_sets(cfg.data, cfg.train.batch_size, cfg.train.seq_len, max_batches=cfg.train.eval_batches,
-                               progress=cfg.train.progress)
     model = build_model(cfg)
     apply_structure(model, ckpt.read_trainer_state(checkpoint).get("structure", {}))
     ckpt.load_model_weights(model, checkpoint)
+    return model.eval(), cfg, folder, checkpoint
+
+
+def eval_command(overrides: list[str]) -> int:
+    from modular.data.loader import validation_sets
+    from modular.train import checkpoint as ckpt
+    from modular.train.evaluate import evaluate, format_eval_table
+    from modular.train.trainer import autocast_for, resolve_device
+
+    model, cfg, folder, checkpoint = load_run_model(overrides, "eval")
+    val_sets = validation_sets(cfg.data, cfg.train.batch_size, cfg.train.seq_len, max_batches=cfg.train.eval_batches,
+                               progress=cfg.train.progress)
     device = resolve_device(cfg.train.device)
     model.to(device)
     results = evaluate(model, val_sets, device, autocast_for(cfg.train.dtype, device))
     print(f"{checkpoint} (step {ckpt.read_trainer_state(checkpoint)['step']})")
     print(format_eval_table(results))
     return 0
-
