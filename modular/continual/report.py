@@ -122,9 +122,12 @@ def write_plots(folder: Path, report: dict) -> list[Path]:
         ax.set_yticks(range(len(report["stages"])), [f"{s['stage']} {s['domain']}" for s in report["stages"]])
         ax.set_xlabel("evaluated domain")
         ax.set_ylabel("after stage")
+        lo, hi = im.get_clim()
         for i, row in enumerate(report["matrix"]):
             for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white", fontsize=8)
+                dark_cell = (v - lo) / max(hi - lo, 1e-9) > 0.5  # viridis_r: high perplexity is dark
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white" if dark_cell else "black",
+                        fontsize=8)
         fig.colorbar(im, ax=ax, label="validation perplexity")
         ax.set_title(f"R[stage][domain] — {report['strategy']}")
         written.append(_save(fig, folder / "matrix.png"))
