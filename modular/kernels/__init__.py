@@ -4,6 +4,6 @@
 """
 
 from modular.kernels.grouped_mm import grouped_mm, resolve_backend
-from modular.kernels.dispatch import combine, permute
+from modular.kernels.dispatch import combine, permute, sort_by_expert
 
-__all__ = ["combine", "grouped_mm", "permute", "resolve_backend"]
+__all__ = ["combine", "grouped_mm", "permute", "resolve_backend", "sort_by_expert"]

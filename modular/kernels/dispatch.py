@@ -1,6 +1,7 @@
 """Dropless dispatch: sort (token, slot) assignments by global expert, gather rows, and combine back.
 
-permute:  assignments → order that makes each expert's rows contiguous, counts per expert, x_sorted
+sort_by_expert: assignments → order that makes each expert's rows contiguous, counts per expert
+permute:  the same, plus x_sorted (the gathered rows)
 combine:  expert outputs in sorted order × routing weights, summed back into token order
 """
 
@@ -10,12 +11,18 @@ import torch
 from torch import Tensor
 
 
-def permute(x_TD: Tensor, token_idx_A: Tensor, expert_idx_A: Tensor, num_experts: int):
-    """Returns (x_sorted [A, D], sorted token ids [A], order [A], counts [E])."""
+def sort_by_expert(token_idx_A: Tensor, expert_idx_A: Tensor, num_experts: int):
+    """Returns (sorted token ids [A], order [A], counts [E])."""
     order = torch.argsort(expert_idx_A, stable=True)  # stable: tokens keep their order inside an expert
     counts = torch.bincount(expert_idx_A, minlength=num_experts)
-    token_sorted = token_idx_A[order]
-    return x_TD[token_sorted], token_sorted, order, counts
+    return token_idx_A[order], order, counts
+
+
+def permute(x_TD: Tensor, token_idx_A: Tensor, expert_idx_A: Tensor, num_experts: int):
+    """Returns (x_sorted [A, D], sorted token ids [A], order [A], counts [E])."""
+    token_sorted, order, counts = sort_by_expert(token_idx_A, expert_idx_A, num_experts)
+    # index_select, not x[idx]: its backward is a dense index_add instead of an accumulating index_put
+    return x_TD.index_select(0, token_sorted), token_sorted, order, counts
 
 
 def combine(y_sorted_AD: Tensor, token_sorted_A: Tensor, weight_sorted_A: Tensor, num_tokens: int) -> Tensor:

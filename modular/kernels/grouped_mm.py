@@ -2,6 +2,8 @@
 
 Weights are stacked like nn.Linear (out × in) per expert: w [E, M, K]; counts [E] are the rows of
 each expert's contiguous segment of x [N, K] (zeros allowed: an empty expert gets zero gradient).
+The torch path (kernels/torch_gmm.py) is torch._grouped_mm with its own backward, or a per-segment
+loop where that op cannot run (float64, widths whose rows are not a multiple of 16 bytes).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import Tensor
 
 from modular.errors import ConfigError
+from modular.kernels.torch_gmm import torch_grouped_mm
 
 BACKENDS = ("auto", "torch", "triton", "megablocks")
 
@@ -36,17 +39,8 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def grouped_mm_loop(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
-    """Reference-quality torch path: one matmul per non-empty segment; autograd gives the backward."""
-    sizes = counts.tolist()
-    if x.shape[0] == 0:
-        return x.new_zeros(0, w.shape[1])
-    outputs = [seg @ w[e].t() for e, seg in enumerate(torch.split(x, sizes)) if sizes[e] > 0]
-    return torch.cat(outputs, dim=0)
-
-
 def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, backend: str = "torch") -> Tensor:
-    """x [N, K], w [E, M, K], counts [E] int64 with sum N → [N, M]."""
+    """x [N, K], w [E, M, K], counts [E] int64 with sum N → [N, M]; differentiable in x and w."""
     if backend == "triton":
         from modular.kernels.triton_gmm import triton_grouped_mm
 
@@ -55,4 +49,4 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, backend: str = "torch") -> 
         from megablocks import grouped_gemm_util as gg  # only importable where megablocks was built
 
         return gg.ops.gmm(x, w, counts.cpu(), trans_b=True)
-    return grouped_mm_loop(x, w, counts)
+    return torch_grouped_mm(x, w, counts)

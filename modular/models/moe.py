@@ -11,7 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from modular.experts import ExpertBank, SharedExperts, build_bank
-from modular.kernels import combine, permute
+from modular.experts.swiglu import SwiGLUBank
+from modular.kernels import combine, permute, sort_by_expert
+from modular.kernels.torch_gmm import can_fuse_swiglu_moe, torch_swiglu_moe
 from modular.routing import apply_capacity, build_router, expert_capacity, routing_stats
 
 
@@ -36,6 +38,9 @@ class MoELayer(nn.Module):
         self.loss_weights = {"load_balancing": float(routing_cfg.aux_loss_weight),
                              "z_loss": float(routing_cfg.z_loss_weight)}
         self.set_backend(backend)
+        # torch backend, SwiGLU banks: gather, experts and combine run as one autograd Function
+        # (kernels/torch_gmm.py); False forces the generic permute → bank.forward → combine path.
+        self.fused_swiglu = True
         self.aux_loss: Tensor | None = None
         self.aux_losses: dict[str, float] = {}
         self.last_stats: dict | None = None
@@ -92,6 +97,9 @@ class MoELayer(nn.Module):
             counts = torch.bincount(routed.expert_idx, minlength=E)
             y_TD = swiglu_moe(x_TD, list(self.banks), counts, routed.token_idx[order], order, routed.weight[order],
                               routed.token_idx)
+        elif self._can_fuse_swiglu(x_TD):  # torch backend: one Function streaming expert by expert
+            token_sorted, order, counts = sort_by_expert(routed.token_idx, routed.expert_idx, E)
+            y_TD = torch_swiglu_moe(x_TD, *self._stacked_swiglu_weights(), counts, token_sorted, routed.weight[order])
         else:
             x_sorted, token_sorted, order, counts = permute(x_TD, routed.token_idx, routed.expert_idx, E)
             y_sorted = self._run_banks(x_sorted, counts)
@@ -113,6 +121,17 @@ class MoELayer(nn.Module):
         """All banks SwiGLU on the Triton backend: gather/scatter fused into the expert GEMMs, one launch
         per projection over every bank."""
         return self.backend == "triton" and all(bank.registry_name == "swiglu" for bank in self.banks)
+
+    def _can_fuse_swiglu(self, x_TD: Tensor) -> bool:
+        return (self.fused_swiglu and self.backend == "torch" and all(type(b) is SwiGLUBank for b in self.banks)
+                and can_fuse_swiglu_moe(x_TD, self.banks[0].w_gate, self.banks[0].w_down))
+
+    def _stacked_swiglu_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(w_gate [E, F, D], w_up [E, F, D], w_down [E, D, F]) over all banks, in global expert order."""
+        if len(self.banks) == 1:
+            bank = self.banks[0]
+            return bank.w_gate, bank.w_up, bank.w_down
+        return tuple(torch.cat([getattr(b, n) for b in self.banks], dim=0) for n in ("w_gate", "w_up", "w_down"))
 
     def _run_banks(self, x_sorted_AD: Tensor, counts_E: Tensor) -> Tensor:
         if len(self.banks) == 1:
