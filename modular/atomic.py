@@ -5,6 +5,7 @@ A crash or kill at any moment leaves either the old file or the new one, never a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -59,3 +60,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks (integrity manifests and cache keys)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from modular.atomic import fsync_dir
+from modular.atomic import fsync_dir, sha256_file
 from modular.data.config import DataConfig, as_data_config, default_cache_dir, resolve_path
 from modular.data.corpus import CHUNK_BYTES, domain_config, jsonl_ranges, list_corpus_files, read_texts
 from modular.data.split import SplitPlan, plan_split
@@ -182,7 +182,7 @@ def _write_shard(tmp: Path, files: list[Path], plan: SplitPlan, text_field: str,
     job = _Job(tokenizer, plan, text_field, on_bad_bytes, dtype.name)
     tasks = [(i, f, start, end) for i, f in enumerate(files) for start, end in jsonl_ranges(f, chunk_bytes)]
     sources = [{"path": str(f), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns,
-                "sha256": _sha256(f)} for f in files]
+                "sha256": sha256_file(f)} for f in files]
     docs_read = [0] * len(files)
     lengths: list[np.ndarray] = []
     num_bytes = docs_replaced = 0
@@ -292,14 +292,6 @@ def _pack(ids: list[np.ndarray], tokenizer: Tokenizer, dtype: str) -> tuple[np.n
         tokens[pos] = tokenizer.eos_id
         pos += 1
     return tokens, doc_lengths
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:

@@ -9,7 +9,6 @@ Loading never runs code from a file: safetensors, JSON and `torch.load(weights_o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from modular.atomic import fsync_dir
+from modular.atomic import fsync_dir, sha256_file
 from modular.errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -29,14 +28,6 @@ FILES = ("model.safetensors", "optimizer.pt", "trainer.json", "config.json")
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -87,7 +78,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step, "rng": rng_state()}))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in FILES}
         for name in FILES:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
@@ -138,7 +129,7 @@ def verify_checkpoint(folder: Path) -> dict:
             raise CheckpointError(
                 f"Checkpoint file {path} is truncated or corrupt: {size} bytes, the manifest says {expected['bytes']}."
             )
-        if _sha256(path) != expected["sha256"]:
+        if sha256_file(path) != expected["sha256"]:
             raise CheckpointError(f"Checkpoint file {path} is corrupt: its sha256 does not match the manifest.")
     return manifest
 
