@@ -21,7 +21,11 @@ With --kernels, also one grouped matmul alone (forward + backward) per implement
 loop over unsorted rows (HF eager's way), and on rows sorted by expert: a Python loop over segments,
 padded bmm, and torch._grouped_mm (our GroupedMM), against one dense matmul of the same FLOPs.
 
-    python benchmarks/moe_layer.py [--rounds 10] [--threads 2] [--shapes mixtral fine] [--kernels]
+Run it on a quiet machine: when other processes share the cores, every per-expert implementation
+(ours, HF eager, HF grouped_mm) slows down far more than the dense chain, because each of its many
+short parallel regions waits for a descheduled thread (seen here: 10-50x against 2x).
+
+    python benchmarks/moe_layer.py [--rounds 20] [--threads 2] [--shapes mixtral fine] [--kernels] [--per-round]
 """
 
 from __future__ import annotations
@@ -144,7 +148,7 @@ def peak_bytes(step) -> int:
     return peak
 
 
-def run_shape(name: str, s: dict, rounds: int) -> None:
+def run_shape(name: str, s: dict, rounds: int, per_round: bool = False) -> None:
     T, k, d, E, ffn = s["T"], s["k"], s["d"], s["E"], s["ffn"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, d, generator=g)
@@ -172,6 +176,7 @@ def run_shape(name: str, s: dict, rounds: int) -> None:
     for hf in [n for n in candidates if n.startswith("HF")]:
         diff = (candidates[hf]().reshape(T, d) - y_ours).abs().max().item()
         assert diff < 1e-4, f"{hf} differs from ours by {diff}"
+    del y_ours  # timed steps start with no earlier output alive (holding one slowed ours 15-20% in some runs)
 
     for step in candidates.values():  # warm-up: allocator, first-call overheads
         step()
@@ -182,9 +187,9 @@ def run_shape(name: str, s: dict, rounds: int) -> None:
             step()
             seconds[n].append(time.perf_counter() - start)
     peaks = {n: peak_bytes(step) for n, step in candidates.items()}
-    if os.environ.get("MOE_BENCH_VERBOSE"):
+    if per_round:
         for n, v in seconds.items():
-            print(n, " ".join(f"{t * 1e3:.0f}" for t in v))
+            print(f"{n}, ms per round: " + " ".join(f"{t * 1e3:.0f}" for t in v))
 
     flops = 3 * 3 * 2 * T * k * d * ffn  # 3 matmuls, forward + 2 backward, 2 FLOPs per multiply-add
     best = {n: min(v) for n, v in seconds.items()}
@@ -259,10 +264,11 @@ def run_kernels(name: str, s: dict, rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--kernels", action="store_true", help="also time one grouped matmul per implementation")
+    parser.add_argument("--per-round", action="store_true", help="print every round's time (to see the noise)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -272,7 +278,7 @@ def main() -> None:
           f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{datetime.date.today().isoformat()}, load average at start {load[0]:.2f}, {args.rounds} rounds")
     for name in args.shapes:
-        run_shape(name, SHAPES[name], args.rounds)
+        run_shape(name, SHAPES[name], args.rounds, args.per_round)
         if args.kernels:
             run_kernels(name, SHAPES[name], args.rounds)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")

@@ -111,12 +111,11 @@ class SwiGLUMoE(torch.autograd.Function):
 
     y [T, D] = Σ over assignments a of token t: w_a · SwiGLU_{e_a}(x_t), for assignments sorted by
     expert (counts_E rows each; token_A, weight_A per sorted row). A chunk is a run of consecutive
-    experts of about CHUNK_ROWS rows: gather its rows, gate and up GEMMs per expert, silu(gate) ⊙ up
-    scaled by the routing weight ((w·h) W = w·(h W)) over the whole chunk, down GEMM per expert into
-    the gathered rows' buffer, one scatter-add into y. No [A, D] buffer is ever built: on a CPU a
-    fresh large buffer costs its page faults (~0.3 ms/MB measured here), while chunk-sized buffers
-    stay in cache and malloc reuses them; elementwise work is per chunk, not per expert, to keep the
-    number of parallel regions (and Python calls) small.
+    experts of at least chunk_rows rows (1: expert by expert): gather its rows, gate and up GEMMs,
+    silu(gate) ⊙ up scaled by the routing weight ((w·h) W = w·(h W)), down GEMM into the gathered
+    rows' buffer, one scatter-add into y. No [A, D] buffer is ever built: on a CPU a fresh large
+    buffer costs its page faults (~0.3 ms/MB measured here). The temporaries live in workspaces
+    allocated once per pass and reused by every chunk (cache-sized when chunks are single experts).
     Kept for backward: the gate and up pre-activations, which the backward overwrites with their own
     gradients; it therefore runs once per forward (retain_graph=True raises).
     """
@@ -126,24 +125,26 @@ class SwiGLUMoE(torch.autograd.Function):
                 token_A: Tensor, counts_E: Tensor, chunk_rows: int) -> Tensor:
         ffn = w_gate_EFD.shape[1]
         chunks = _chunks(counts_E.tolist(), chunk_rows)
+        rows = max((r1 - r0 for r0, r1, _ in chunks), default=0)
+        buf_RD, h_RF = x_TD.new_empty(rows, x_TD.shape[1]), x_TD.new_empty(rows, ffn)  # workspaces
         out_TD = x_TD.new_zeros(x_TD.shape)
         saved = [] if any(ctx.needs_input_grad) else None  # inference keeps nothing
         for r0, r1, experts in chunks:
-            tok_c = token_A[r0:r1]
-            x_c = x_TD.index_select(0, tok_c)  # [R, D]
-            gate_c, up_c = x_c.new_empty(r1 - r0, ffn), x_c.new_empty(r1 - r0, ffn)
+            tok_c, R = token_A[r0:r1], r1 - r0
+            x_c = torch.index_select(x_TD, 0, tok_c, out=buf_RD[:R])  # [R, D]
+            gate, up = x_c.new_empty(R, ffn), x_c.new_empty(R, ffn)
             for e, a, b in experts:
-                torch.mm(x_c[a:b], w_gate_EFD[e].t(), out=gate_c[a:b])
-                torch.mm(x_c[a:b], w_up_EFD[e].t(), out=up_c[a:b])
-            h_c = F.silu(gate_c).mul_(up_c).mul_(weight_A[r0:r1].unsqueeze(-1))
+                torch.mm(x_c[a:b], w_gate_EFD[e].t(), out=gate[a:b])
+                torch.mm(x_c[a:b], w_up_EFD[e].t(), out=up[a:b])
+            h = torch.sigmoid(gate, out=h_RF[:R]).mul_(gate).mul_(up).mul_(weight_A[r0:r1].unsqueeze(-1))
             y_c = x_c  # the gathered rows are spent: the expert outputs take their place
             for e, a, b in experts:
-                torch.mm(h_c[a:b], w_down_EDF[e].t(), out=y_c[a:b])
+                torch.mm(h[a:b], w_down_EDF[e].t(), out=y_c[a:b])
             out_TD.index_add_(0, tok_c, y_c)
             if saved is not None:
-                saved.append((gate_c, up_c))
+                saved.append((gate, up))
         ctx.save_for_backward(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weight_A, token_A)
-        ctx.chunks, ctx.pre_activations = chunks, saved
+        ctx.chunks, ctx.rows, ctx.pre_activations = chunks, rows, saved
         return out_TD
 
     @staticmethod
@@ -161,38 +162,41 @@ class SwiGLUMoE(torch.autograd.Function):
         dw_up = _expert_grad_buffer(w_up_EFD, nonempty) if need_up else None
         dw_down = _expert_grad_buffer(w_down_EDF, nonempty) if need_down else None
         d_weight = torch.empty_like(weight_A) if need_weight else None
+        ffn = w_gate_EFD.shape[1]
+        buf_RD = x_TD.new_empty(ctx.rows, x_TD.shape[1])  # workspaces, reused by every chunk
+        sig_RF, silu_RF, h_RF, dh_RF = (x_TD.new_empty(ctx.rows, ffn) for _ in range(4))
         for (r0, r1, experts), (gate, up) in zip(ctx.chunks, saved):
-            tok_c, w_c = token_A[r0:r1], weight_A[r0:r1].unsqueeze(-1)
-            buf_RD = dy_TD.index_select(0, tok_c)  # dy's rows, contiguous whatever dy's strides (stride 0 too)
-            sig = torch.sigmoid(gate)
-            silu = gate * sig
-            h = silu * up  # recomputed, before the routing weight
-            dh = torch.empty_like(h)
+            tok_c, w_c, R = token_A[r0:r1], weight_A[r0:r1].unsqueeze(-1), r1 - r0
+            dy_c = torch.index_select(dy_TD, 0, tok_c, out=buf_RD[:R])  # contiguous whatever dy's strides
+            sig = torch.sigmoid(gate, out=sig_RF[:R])
+            silu = torch.mul(gate, sig, out=silu_RF[:R])
+            h = torch.mul(silu, up, out=h_RF[:R])  # recomputed, before the routing weight
+            dh = dh_RF[:R]
             for e, a, b in experts:
-                torch.mm(buf_RD[a:b], w_down_EDF[e], out=dh[a:b])  # [n, D] @ [D, F]
+                torch.mm(dy_c[a:b], w_down_EDF[e], out=dh[a:b])  # [n, D] @ [D, F]
             if need_weight:
                 torch.linalg.vecdot(dh, h, out=d_weight[r0:r1])
             dh.mul_(w_c)
             if need_down:
                 h.mul_(w_c)
                 for e, a, b in experts:
-                    torch.mm(buf_RD[a:b].t(), h[a:b], out=dw_down[e])  # [D, n] @ [n, F]
+                    torch.mm(dy_c[a:b].t(), h[a:b], out=dw_down[e])  # [D, n] @ [n, F]
             dh_up = torch.mul(dh, up, out=h)
             d_up = torch.mul(dh, silu, out=up)
-            d_act = torch.mul(gate, sig, out=silu).sub_(gate).sub_(1).mul_(sig).neg_()  # σ(1 + g(1 − σ))
+            d_act = silu.sub_(gate).sub_(1).mul_(sig).neg_()  # dsilu/dg = σ(1 + g(1 − σ)) = −σ(gσ − g − 1)
             d_gate = torch.mul(dh_up, d_act, out=gate)
-            del sig, silu, h, dh, dh_up, d_act
             if need_gate or need_up:
-                x_c = torch.index_select(x_TD, 0, tok_c, out=buf_RD)  # gathered again into dy's spent rows
+                x_c = torch.index_select(x_TD, 0, tok_c, out=buf_RD[:R])  # gathered again into dy's spent rows
                 for e, a, b in experts:
                     if need_gate:
                         torch.mm(d_gate[a:b].t(), x_c[a:b], out=dw_gate[e])  # [F, n] @ [n, D]
                     if need_up:
                         torch.mm(d_up[a:b].t(), x_c[a:b], out=dw_up[e])
             if need_x:
+                dx_c = buf_RD[:R]
                 for e, a, b in experts:
-                    torch.mm(d_gate[a:b], w_gate_EFD[e], out=buf_RD[a:b]).addmm_(d_up[a:b], w_up_EFD[e])
-                dx_TD.index_add_(0, tok_c, buf_RD)
+                    torch.mm(d_gate[a:b], w_gate_EFD[e], out=dx_c[a:b]).addmm_(d_up[a:b], w_up_EFD[e])
+                dx_TD.index_add_(0, tok_c, dx_c)
         return dx_TD, dw_gate, dw_up, dw_down, d_weight, None, None, None
 
 
