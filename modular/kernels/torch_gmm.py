@@ -103,7 +103,7 @@ def torch_grouped_mm(x_NK: Tensor, w_EMK: Tensor, counts_E: Tensor, impl: str = 
     raise ValueError(f"grouped matmul impl='{impl}' is unknown; allowed: {', '.join(IMPLS)}.")
 
 
-CHUNK_ROWS = 1  # rows per chunk in SwiGLUMoE: 1 = expert by expert, fastest measured (benchmarks/RESULTS.md)
+CHUNK_ROWS = 1  # rows per chunk in SwiGLUMoE: 1 = expert by expert, the smallest workspaces (peak memory in RESULTS.md)
 
 
 class SwiGLUMoE(torch.autograd.Function):
