@@ -5,9 +5,13 @@ add+freeze+merge to a budget, joint) with the same model, stream, steps and batc
 final average perplexity, mean forgetting on earlier domains, new-domain perplexity (mean of each
 domain's perplexity right after its own stage), parameters and training FLOPs per strategy.
 
-    python benchmarks/continual_stream.py [--steps 150] [--out runs/bench-continual] [--only add_freeze,naive]
-                                          [overrides ...]
-Runs resume: rerunning with the same --out reuses finished strategies.
+With --base-steps N, stage 0 is shared: one naive run trains the base model on en for N steps, and
+every strategy starts from it (`train.init_from`, `continual.first_stage_steps=0`: its stage 0 only
+evaluates the base), so the strategies differ only in how they add de, code_py and fr.
+
+    python benchmarks/continual_stream.py [--steps 150] [--base-steps 800] [--out runs/bench-continual]
+                                          [--only add_freeze,naive] [overrides ...]
+Runs resume: rerunning with the same --out reuses finished strategies (and the base).
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ STRATEGIES = {
     "replay 25%": ["continual=replay", "continual.replay=0.25"],
     "ewc (avalanche)": ["continual=ewc"],
     "add+freeze": ["continual=add_freeze"],
+    # the preset plus everything shared frozen (attention, embeddings, norms) and a router review on replay
+    "add+freeze, shared frozen": ["continual=add_freeze",
+                                  "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
+                                  "continual.review_steps=20"],
     "add+freeze+merge": ["continual=add_freeze_merge"],
     "joint": ["continual=joint"],
 }
@@ -35,6 +43,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per stage (every strategy)")
     parser.add_argument("--out", default="runs/bench-continual")
     parser.add_argument("--only", default="", help="comma-separated strategy names (default: all)")
+    parser.add_argument("--base-steps", type=int, default=0,
+                        help="train a shared base on en for this many steps; every strategy starts from it")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="overrides applied to every strategy")
     args = parser.parse_args()
@@ -44,6 +54,17 @@ def main() -> None:
 
     common = ["data=corpora", "continual.stream=[en,de,code_py,fr]", f"continual.steps_per_stage={args.steps}",
               "train.progress=false", f"train.threads={args.threads}", *args.overrides]
+    if args.base_steps > 0:
+        from modular.train.checkpoint import latest_checkpoint
+
+        base = Path(args.out) / "base"
+        if not (base / "report.json").exists():
+            start = time.perf_counter()
+            if cli(["continual", *common, "continual=naive", "continual.stream=[en]",
+                    f"continual.first_stage_steps={args.base_steps}", f"run.dir={base}"]) != 0:
+                raise SystemExit("the base run failed")
+            print(f"base: {time.perf_counter() - start:.0f} s")
+        common += ["continual.first_stage_steps=0", f"train.init_from={latest_checkpoint(base)}"]
     chosen = [s for s in STRATEGIES if not args.only or s in args.only.split(",")]
     rows = []
     for name in chosen:
@@ -57,7 +78,8 @@ def main() -> None:
             print(f"{name}: {time.perf_counter() - start:.0f} s")
         rows.append((name, json.loads((run / "report.json").read_text())))
 
-    print(f"\n# continual stream en → de → code_py → fr, {args.steps} steps per stage; {platform.machine()}, "
+    base_note = f" after a shared base of {args.base_steps} steps on en" if args.base_steps else ""
+    print(f"\n# continual stream en → de → code_py → fr, {args.steps} steps per stage{base_note}; {platform.machine()}, "
           f"overrides: {' '.join(args.overrides) or '(defaults)'}")
     header = ("| strategy | final avg ppl | mean forgetting (earlier domains) | new-domain ppl (mean) | "
               "ppl after last stage (en, de, code_py, fr) | params total / active (final) | training FLOPs |")

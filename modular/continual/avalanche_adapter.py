@@ -109,7 +109,9 @@ def finish_stage(run, model, stage: int, trainer) -> None:
         buffer = (load_replay_buffer(_path(run, "replay", stage - 1), c.avalanche_mem_size) if stage > 0
                   else new_replay_buffer(c.avalanche_mem_size))
         inner = trainer.loader.loader if isinstance(trainer.loader, ReplayLoader) else trainer.loader
-        update_replay_buffer(buffer, StageWindows(inner, inner.step, stage), seed=run.cfg.seed * 1000 + stage)
+        # A stage that trained no steps offers the windows it would have drawn, enough to fill the memory.
+        steps = inner.step or -(-c.avalanche_mem_size // inner.batch_size)
+        update_replay_buffer(buffer, StageWindows(inner, steps, stage), seed=run.cfg.seed * 1000 + stage)
         save_replay_buffer(_path(run, "replay", stage), buffer, meta)
 
 
@@ -265,7 +267,8 @@ class StageWindows(torch.utils.data.Dataset):
 def stage_windows(loader, max_batches: int) -> torch.Tensor:
     """[N, T + 1] the windows of the first (at most) `max_batches` batches the stage's loader drew."""
     inner = loader.loader if isinstance(loader, ReplayLoader) else loader
-    return torch.cat([inner.batch_at(k).tokens for k in range(min(inner.step, max_batches))])
+    # A stage that trained no steps (the initial model already knew its domain): the batches it would have drawn.
+    return torch.cat([inner.batch_at(k).tokens for k in range(min(inner.step, max_batches) or max_batches)])
 
 
 def new_replay_buffer(mem_size: int):

@@ -23,6 +23,9 @@ MERGE_METHODS = ("frequency", "cluster", "task_arithmetic", "ties")
 class ContinualConfig:
     stream: List[str] = field(default_factory=lambda: ["en", "de", "code_py"])  # domains of data.domains, in order
     steps_per_stage: int = 120  # optimizer steps of every stage (overrides any per-strategy budget)
+    # steps of stage 0 when it differs (null: steps_per_stage), e.g. a longer base stage; 0 with
+    # train.init_from: the initial model already knows the first domain, stage 0 only evaluates it
+    first_stage_steps: Optional[int] = None
     strategy: str = "add_freeze"  # one of STRATEGIES
     # growth (add_* strategies): new experts per MoE layer at every stage after the first
     add_experts: int = 2

@@ -51,6 +51,13 @@ def validate_continual(cfg) -> None:
                               f"freezable parts are: {', '.join(FREEZABLE)}.")
     if c.steps_per_stage < 1:
         raise ConfigError(f"continual.steps_per_stage={c.steps_per_stage} is not allowed; it must be >= 1.")
+    if c.first_stage_steps is not None and c.first_stage_steps < 0:
+        raise ConfigError(f"continual.first_stage_steps={c.first_stage_steps} is not allowed; it must be >= 0 "
+                          "(or null for steps_per_stage).")
+    if c.first_stage_steps == 0 and not cfg.train.init_from:
+        raise ConfigError("continual.first_stage_steps=0 trains nothing on the first domain, so the model must come "
+                          "from train.init_from (a checkpoint that already knows it); set train.init_from=FOLDER "
+                          "or first_stage_steps >= 1.")
     if not 0.0 <= c.replay < 1.0:
         raise ConfigError(f"continual.replay={c.replay} is not allowed; it must be in [0, 1).")
     if c.replay > 0 and len(c.stream) < 2:
@@ -87,6 +94,11 @@ def validate_continual(cfg) -> None:
         raise ConfigError(f"continual.distill_weight={c.distill_weight} is not allowed; it must be >= 0.")
 
 
+def stage_steps(c, s: int) -> int:
+    """Optimizer steps of stage s: first_stage_steps for stage 0 when set, else steps_per_stage."""
+    return c.first_stage_steps if s == 0 and c.first_stage_steps is not None else c.steps_per_stage
+
+
 def stage_config(cfg, steps: int, lr: float | None = None):
     """The train config of one stage: the stage's step budget and a re-warmed WSD schedule."""
     stage = copy.deepcopy(cfg)
@@ -95,8 +107,8 @@ def stage_config(cfg, steps: int, lr: float | None = None):
     stage.train.schedule = "wsd"
     stage.train.warmup_steps = min(cfg.continual.stage_warmup_steps, max(0, steps - 1))
     stage.train.decay_fraction = cfg.continual.stage_decay_fraction
-    stage.train.eval_every = steps  # evaluated by the stream after the stage
-    stage.train.checkpoint_every = min(cfg.train.checkpoint_every, steps)
+    stage.train.eval_every = max(1, steps)  # evaluated by the stream after the stage
+    stage.train.checkpoint_every = max(1, min(cfg.train.checkpoint_every, steps))
     if lr is not None:
         stage.train.lr = lr
     return stage
@@ -223,7 +235,6 @@ class ContinualRun:
         from modular.train.trainer import Trainer
 
         stream = list(self.c.stream)
-        steps = self.c.steps_per_stage
         torch.manual_seed(self.cfg.seed)
         model = build_model(self.cfg)
         if self.cfg.train.init_from:  # e.g. an upcycled model; a checkpoint of this run takes precedence below
@@ -249,6 +260,7 @@ class ContinualRun:
 
         for s in range(done, len(stream)):
             domain = stream[s]
+            steps = stage_steps(self.c, s)
             t0 = time.perf_counter()
             stage_dir = self.run_dir / "stages" / f"{s:02d}-{domain}"
             teacher = None
@@ -376,8 +388,9 @@ def continual_command(overrides: list[str]) -> int:
     atomic_write_json(folder / "overrides.json", all_overrides)
     record = to_dict(cfg)
     atomic_write_text(folder / "config.json", json.dumps(record, indent=2) + "\n")
+    first = cfg.continual.first_stage_steps
     print(f"continual run in {folder}: stream {' → '.join(cfg.continual.stream)}, strategy {cfg.continual.strategy}, "
-          f"{cfg.continual.steps_per_stage} steps per stage")
+          f"{cfg.continual.steps_per_stage} steps per stage" + (f" ({first} in stage 0)" if first is not None else ""))
     run = ContinualRun(cfg, folder, tokenizer, val_sets, record)
     state = run.run()
     if "stopped_by_signal" in state:

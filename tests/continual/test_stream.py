@@ -66,6 +66,8 @@ BAD = [
     (["continual.strategy=add_freeze_merge", "continual.merge_budget=3"], "merge_budget=3"),
     (["continual.strategy=replay", "continual.replay=0.2", "continual.stream=[en]"], "earlier stage"),
     (["continual.strategy=teleport"], "continual.strategy='teleport'"),
+    (["continual.first_stage_steps=0"], "train.init_from"),
+    (["continual.first_stage_steps=-1"], "first_stage_steps=-1"),
 ]
 
 
@@ -100,3 +102,23 @@ def test_resume_mid_stream_gives_the_same_matrix(tmp_path):
     subprocess.run([sys.executable, "-m", "modular", "continual", f"run.dir={killed}"], check=True, env=env,
                    capture_output=True)
     assert report(killed)["matrix"] == report(reference)["matrix"]
+
+
+def _stage_steps(run: Path) -> list[int]:
+    return [st["steps"] for st in report(run)["stages"]]
+
+
+@pytest.mark.parametrize("strategy", ["add_freeze", "ewc", "avalanche_replay"])
+def test_stream_starts_from_a_base_model_that_knows_the_first_domain(strategy, tmp_path):
+    """first_stage_steps=0 with train.init_from: stage 0 only evaluates the initial model, which is the base."""
+    base = tmp_path / "base"
+    assert main(["continual", *SMALL, "continual=naive", "continual.stream=[en]", "continual.first_stage_steps=6",
+                 f"run.dir={base}"]) == 0
+    assert _stage_steps(base) == [6]
+    base_ckpt = next((base / "checkpoints").iterdir())
+    run = tmp_path / strategy
+    assert main(["continual", *SMALL, f"continual={strategy}", "continual.stream=[en,de]",
+                 "continual.first_stage_steps=0", f"train.init_from={base_ckpt}", f"run.dir={run}"]) == 0
+    r = report(run)
+    assert _stage_steps(run) == [0, 4] and r["stages"][0]["tokens"] == 0 and r["flops"][0] == 0
+    assert r["matrix"][0][0] == pytest.approx(report(base)["matrix"][0][0], rel=1e-6)  # stage 0 = the base, en
