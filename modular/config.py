@@ -21,7 +21,9 @@ from modular.export.config import ExportConfig, UpcycleConfig, validate_export, 
 from modular.parallel.config import ParallelConfig, validate_parallel
 from modular.train.config import TrainConfig
 
-CONFIG_DIR = Path(os.environ.get("MODULAR_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+# The presets ship inside the package (configs/ at the repository root is a link to them), so an installed
+# wheel composes the same configs as a checkout; MODULAR_CONFIG_DIR points elsewhere.
+CONFIG_DIR = Path(os.environ.get("MODULAR_CONFIG_DIR", Path(__file__).resolve().parent / "configs"))
 
 
 @dataclass
