@@ -369,7 +369,8 @@ def carry_optimizer_state(old_optimizer: torch.optim.Optimizer, new_optimizer: t
     A parameter present in both keeps its state. `row_sources` maps id(new parameter) to, for each of
     its rows (experts), the (old parameter, old row) it survives from, or None: surviving rows keep
     their moments, new rows start at zero. Parameters in neither case start fresh (empty state);
-    parameters of the old optimizer that are gone leave nothing behind.
+    parameters of the old optimizer that are gone leave nothing behind. Rows are whole experts: under
+    expert parallelism call it with the moments gathered (modular.parallel.optimizer_state).
     """
     row_sources = row_sources or {}
     for group in new_optimizer.param_groups:

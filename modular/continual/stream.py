@@ -4,10 +4,17 @@ Per stage: grow (add a bank per MoE layer, initialised from the new domain's rou
 with replay and a re-warmed WSD schedule (optionally distilling from the model before the stage),
 review the router, merge to a budget, then evaluate every domain (one row of R[stage][domain]) and
 save a checkpoint in the run folder. A stopped stream resumes at the stage and step where it stopped.
+
+Under torchrun (expert and data parallelism, modular.parallel) every rank trains its slice of each
+global batch and evaluates the same validation batches; the lifecycle operations written for one
+process (growth, merging) run on every rank inside `full_experts`, which leaves each rank with its
+share of the same experts. Rank 0 alone writes the run folder; checkpoints are gathered on save, so a
+stream saved at one world size resumes at another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -22,14 +29,18 @@ from modular.atomic import atomic_write_json, atomic_write_text
 from modular.continual import lifecycle
 from modular.continual.config import FREEZABLE, INITS, MERGE_METHODS, ROUTER_INITS, STRATEGIES
 from modular.errors import ConfigError
+from modular.parallel import checkpoint as parallel_ckpt
 from modular.train import checkpoint as ckpt
 
 GROWING = ("add_freeze", "add_freeze_merge")
 AVALANCHE = ("ewc", "lwf", "avalanche_replay")
 
 
-def validate_continual(cfg) -> None:
-    """Checks that need the data config too; one sentence each, before anything is written."""
+def validate_continual(cfg, world_size: int = 1) -> None:
+    """Checks that need the data config too; one sentence each, before anything is written.
+
+    `world_size` is the number of processes torchrun started (1 without torchrun).
+    """
     c = cfg.continual
     domains = list(cfg.data.domains)
     if not c.stream:
@@ -71,6 +82,10 @@ def validate_continual(cfg) -> None:
         if not experts_per_moe_layer(cfg):
             raise ConfigError(f"continual.strategy={c.strategy} grows experts, but the model has no MoE layer; "
                               "use a model with moe_layers, or strategy=naive.")
+    ep = int(cfg.parallel.ep)
+    if c.strategy in GROWING and c.add_experts % ep:
+        raise ConfigError(f"continual.add_experts={c.add_experts} cannot be split evenly over parallel.ep={ep} "
+                          f"ranks; add a multiple of {ep} experts per stage.")
     if c.strategy == "add_freeze_merge":
         if c.merge_budget is None:
             raise ConfigError("continual.merge_budget is null but strategy add_freeze_merge needs one; "
@@ -83,6 +98,19 @@ def validate_continual(cfg) -> None:
                 f"continual.merge_budget={c.merge_budget} is below the {base} frozen original experts it must keep "
                 f"plus one merged expert; use a budget of at least {base + 1}."
             )
+        if (c.merge_budget - base) % ep:  # the merged experts form one bank, split over the EP ranks
+            raise ConfigError(
+                f"continual.merge_budget={c.merge_budget} would leave a merged bank of {c.merge_budget - base} "
+                f"experts beside the {base} original ones, which cannot be split evenly over parallel.ep={ep} ranks; "
+                f"use {base} plus a multiple of {ep} (e.g. {base + ep})."
+            )
+        if ep > 1 and c.merge_method in ("task_arithmetic", "ties"):  # one merged expert per parent: any count
+            raise ConfigError(
+                f"continual.merge_method={c.merge_method} merges experts by parent, so its merged bank may not split "
+                f"evenly over parallel.ep={ep} ranks; use merge_method=frequency or cluster under expert parallelism."
+            )
+    if world_size > 1:
+        validate_under_torchrun(cfg, world_size)
     if c.strategy in AVALANCHE:
         from modular.continual.avalanche_adapter import validate_avalanche
 
@@ -97,6 +125,25 @@ def validate_continual(cfg) -> None:
 def stage_steps(c, s: int) -> int:
     """Optimizer steps of stage s: first_stage_steps for stage 0 when set, else steps_per_stage."""
     return c.first_stage_steps if s == 0 and c.first_stage_steps is not None else c.steps_per_stage
+
+
+def validate_under_torchrun(cfg, world_size: int) -> None:
+    """What does not run on several processes is refused, not run differently from one process."""
+    from modular.parallel.expert_parallel import BATCH_GLOBAL_ROUTERS
+
+    c, r = cfg.continual, cfg.routing
+    if c.strategy in AVALANCHE:  # their hooks, importances and buffers are written for one process
+        allowed = ", ".join(s for s in STRATEGIES if s not in AVALANCHE)
+        raise ConfigError(f"continual.strategy={c.strategy} runs in one process only, but torchrun started "
+                          f"WORLD_SIZE={world_size}; under torchrun use one of: {allowed}.")
+    if c.distill_weight > 0 and (r.type in BATCH_GLOBAL_ROUTERS or r.capacity_factor is not None):
+        # The teacher evaluates each rank's slice alone, so a router that chooses over the whole batch
+        # would pick other experts for it than in one process.
+        raise ConfigError(
+            f"continual.distill_weight={c.distill_weight} under torchrun (WORLD_SIZE={world_size}) needs a router "
+            f"that picks experts token by token, but routing.type={r.type} with capacity_factor={r.capacity_factor} "
+            "chooses over the whole batch; set continual.distill_weight=0 or use a top-k router without capacity."
+        )
 
 
 def stage_config(cfg, steps: int, lr: float | None = None):
@@ -130,28 +177,54 @@ def distillation_hook(teacher, weight: float, temperature: float):
 
 
 class ContinualRun:
-    def __init__(self, cfg, run_dir: Path, tokenizer, val_sets: dict, config_record: dict):
+    """The stream of one run folder. `parallel`: modular.parallel's ParallelContext under torchrun, else None."""
+
+    def __init__(self, cfg, run_dir: Path, tokenizer, val_sets: dict, config_record: dict, parallel=None):
         self.cfg = cfg
         self.c = cfg.continual
         self.run_dir = Path(run_dir)
         self.tokenizer = tokenizer
         self.val_sets = val_sets
         self.config_record = config_record
+        self.parallel = parallel
+        self.main = parallel is None or parallel.is_main  # one process writes the run folder and prints
         self.state_path = self.run_dir / "continual_state.json"
-        self.state = {"stages": [], "initial": None, "global_step": 0}
-        if self.state_path.exists():
-            self.state = json.loads(self.state_path.read_text())
+        state = {"stages": [], "initial": None, "global_step": 0}
+        if self.main and self.state_path.exists():
+            state = json.loads(self.state_path.read_text())
+        self.state = state if parallel is None else parallel.broadcast_object(state)
 
     # -- helpers ----------------------------------------------------------------------------
     def _save_state(self) -> None:
-        atomic_write_json(self.state_path, self.state)
+        if self.main:
+            atomic_write_json(self.state_path, self.state)
 
-    def _loader(self, weights: dict[str, float], seed_offset: int):
+    def _print(self, text: str) -> None:
+        if self.main:
+            print(text)
+
+    def _loader(self, weights: dict[str, float], seed_offset: int, sharded: bool = True):
+        """The mixture's batches: under torchrun each rank's rows of one global batch, or (sharded=False)
+        the whole global batch on every rank, for passes that every rank must see alike."""
         from modular.data.loader import MixtureLoader
 
-        t = self.cfg.train
-        return MixtureLoader.from_config(self.cfg.data, t.batch_size, t.seq_len, weights=weights,
-                                         seed=self.cfg.seed + seed_offset, progress=t.progress, tokenizer=self.tokenizer)
+        t, p = self.cfg.train, self.parallel
+        batch_size, shard = t.batch_size, {}
+        if p is not None and sharded:
+            shard = {"shard": p.rank, "num_shards": p.world_size}
+        elif p is not None:
+            batch_size = t.batch_size * p.world_size
+        return MixtureLoader.from_config(self.cfg.data, batch_size, t.seq_len, weights=weights,
+                                         seed=self.cfg.seed + seed_offset, progress=t.progress, tokenizer=self.tokenizer,
+                                         **shard)
+
+    def _full_experts(self, model):
+        """Every expert whole on every rank for the block (one-process lifecycle code), split again after."""
+        if self.parallel is None:
+            return contextlib.nullcontext(model)
+        from modular.parallel.expert_parallel import full_experts
+
+        return full_experts(model, self.parallel)
 
     def _weights_for_stage(self, s: int) -> dict[str, float]:
         stream = list(self.c.stream)
@@ -173,7 +246,11 @@ class ContinualRun:
 
     @torch.no_grad()
     def _routing_by_domain(self, model) -> dict:
-        """Share of each domain's routed assignments that each bank receives (averaged over MoE layers)."""
+        """Share of each domain's routed assignments that each bank receives (averaged over MoE layers).
+
+        Runs on the sharded model under torchrun: in evaluation every rank routes its own copy of the same
+        batches, so the counts are the one-process counts and no expert needs gathering.
+        """
         shares = {}
         for domain, val in self.val_sets.items():
             inputs = [b.inputs for i, b in enumerate(val) if i < 2]
@@ -190,7 +267,7 @@ class ContinualRun:
         return shares
 
     def _usage_on(self, model, domain: str) -> dict[int, torch.Tensor]:
-        loader = self._loader({domain: 1.0}, seed_offset=10_000)
+        loader = self._loader({domain: 1.0}, seed_offset=10_000, sharded=False)  # every rank measures alike
         batches = [next(loader).inputs for _ in range(self.c.usage_batches)]
         return lifecycle.measure_usage(model, batches)
 
@@ -209,7 +286,10 @@ class ContinualRun:
         return old_banks
 
     def merge(self, model, s: int) -> dict:
-        """Merge every MoE layer to the budget; returns row sources for the optimizer (see carry_optimizer_state)."""
+        """Merge every MoE layer to the budget; returns row sources for the optimizer (see carry_optimizer_state).
+
+        Written for one process: under torchrun it runs inside `_full_experts` (see `_merge_and_carry`).
+        """
         usage = self._usage_on(model, self.c.stream[s])
         row_sources = {}
         for i, layer in enumerate(model.layers):
@@ -229,34 +309,27 @@ class ContinualRun:
 
     def run(self) -> dict:
         from modular.models import build_model
-        from modular.models.structure import apply_structure, model_structure
         from modular.models.summary import summarize
-        from modular.train.optimizer import build_optimizer
-        from modular.train.trainer import Trainer
+        from modular.train.trainer import resolve_device
 
         stream = list(self.c.stream)
         torch.manual_seed(self.cfg.seed)
         model = build_model(self.cfg)
         if self.cfg.train.init_from:  # e.g. an upcycled model; a checkpoint of this run takes precedence below
             ckpt.load_initial_weights(model, self.cfg.train.init_from)
+        model.to(resolve_device(self.cfg.train.device))  # evaluation and sharding (NCCL) need it on its device
+        if self.parallel is not None:
+            from modular.parallel.expert_parallel import parallelize_moe_layers
+
+            parallelize_moe_layers(model, self.parallel)  # each EP rank keeps its share of rank 0's experts
         done = len(self.state["stages"])
         optimizer = None
-        old_banks_prev: dict[int, int] | None = None
         if self.state["initial"] is None:
             self.state["initial"] = {d: r["ppl"] for d, r in self._evaluate(model).items()}
             self._save_state()
         if done:
-            last = ckpt.latest_checkpoint(self.run_dir)
-            ckpt.verify_checkpoint(last)
-            trainer_state = ckpt.read_trainer_state(last)
-            apply_structure(model, trainer_state["structure"])
-            ckpt.load_model_weights(model, last)
-            old_banks_prev = {int(k): v for k, v in (self.state["stages"][-1].get("old_banks") or {}).items()}
-            self._apply_freeze(model, done - 1, old_banks_prev)
-            optimizer = build_optimizer(model, self.cfg.train)
-            ckpt.load_optimizer_state(optimizer, last)
-            ckpt.set_rng_state(trainer_state["rng"])
-            print(f"resuming the stream after stage {done - 1} ({stream[done - 1]})")
+            optimizer = self._resume(model, done)
+            self._print(f"resuming the stream after stage {done - 1} ({stream[done - 1]})")
 
         for s in range(done, len(stream)):
             domain = stream[s]
@@ -265,21 +338,20 @@ class ContinualRun:
             stage_dir = self.run_dir / "stages" / f"{s:02d}-{domain}"
             teacher = None
             if self.c.distill_weight > 0 and s > 0:
-                teacher = copy.deepcopy(model).eval()
+                teacher = copy.deepcopy(model).eval()  # sharded like the model; shares its process groups
                 for p in teacher.parameters():
                     p.requires_grad_(False)
             old_banks = None
             params_before = summarize(model, self.cfg.train.seq_len)
             if s > 0 and self.c.strategy in GROWING:
-                old_banks = self.grow(model, s)
+                with self._full_experts(model):
+                    old_banks = self.grow(model, s)
             self._apply_freeze(model, s, old_banks)
             lifecycle.unmask_experts(model)
             summary = summarize(model, self.cfg.train.seq_len)
 
-            stage_cfg = stage_config(self.cfg, steps)
-            loader = self._loader(self._weights_for_stage(s), seed_offset=s)
-            trainer = Trainer(stage_cfg, stage_dir, model, loader, {}, config_record=self.config_record,
-                              log_prefix={"stage": s, "domain": domain})
+            trainer = self._trainer(stage_config(self.cfg, steps), stage_dir, model,
+                                    self._loader(self._weights_for_stage(s), seed_offset=s), {"stage": s, "domain": domain})
             if teacher is not None:
                 teacher.to(trainer.device)
                 trainer.loss_hooks.append(distillation_hook(teacher, self.c.distill_weight, self.c.distill_temperature))
@@ -303,11 +375,7 @@ class ContinualRun:
             if self.c.review_steps > 0 and s > 0:
                 review_tokens = self._review(model, s, stage_dir)
             if self.c.strategy == "add_freeze_merge":
-                row_sources = self.merge(model, s)
-                self._apply_freeze(model, s, {i: 1 for i in (old_banks or {})} if old_banks else None)
-                new_opt = build_optimizer(model, self.cfg.train)
-                lifecycle.carry_optimizer_state(optimizer, new_opt, row_sources)
-                optimizer = new_opt
+                optimizer = self._merge_and_carry(model, s, old_banks, optimizer)
             results = self._evaluate(model)
             after = summarize(model, self.cfg.train.seq_len)
             self.state["global_step"] += steps + (self.c.review_steps if s > 0 else 0)
@@ -332,14 +400,74 @@ class ContinualRun:
             }
             if self.c.strategy == "add_freeze_merge":
                 record["old_banks"] = {str(i): 1 for i, layer in enumerate(model.layers) if layer.is_moe}
-            ckpt.save_checkpoint(self.run_dir, self.state["global_step"], model, optimizer,
-                                 {"structure": model_structure(model), "stage": s, "domain": domain,
-                                  "tokens": tokens},
-                                 self.config_record, keep=max(1, self.cfg.train.keep_checkpoints))
+            self._save_checkpoint(model, optimizer, s, domain, tokens)
             self.state["stages"].append(record)
             self._save_state()
-            print(f"stage {s} ({domain}) done: " + ", ".join(f"{d} ppl {r['ppl']:.2f}" for d, r in results.items()))
+            self._print(f"stage {s} ({domain}) done: " + ", ".join(f"{d} ppl {r['ppl']:.2f}" for d, r in results.items()))
         return self.state
+
+    def _trainer(self, stage_cfg, stage_dir: Path, model, loader, log_prefix: dict):
+        from modular.train.trainer import Trainer
+
+        return Trainer(stage_cfg, stage_dir, model, loader, {}, config_record=self.config_record,
+                       log_prefix=log_prefix, parallel=self.parallel)
+
+    def _resume(self, model, done: int):
+        """Load the checkpoint written after stage `done - 1` (at any world size); returns its optimizer."""
+        from modular.models.structure import apply_structure
+        from modular.train.optimizer import build_optimizer
+        from modular.train.trainer import resolve_device
+
+        last = ckpt.latest_checkpoint(self.run_dir)
+        ckpt.verify_checkpoint(last)
+        trainer_state = ckpt.read_trainer_state(last)
+        apply_structure(model, trainer_state["structure"])
+        model.to(resolve_device(self.cfg.train.device))
+        if self.parallel is None:
+            ckpt.load_model_weights(model, last)
+        else:  # each rank slices the full checkpoint to its experts
+            parallel_ckpt.load_model_weights(model, last, self.parallel)
+        old_banks = {int(k): v for k, v in (self.state["stages"][-1].get("old_banks") or {}).items()}
+        self._apply_freeze(model, done - 1, old_banks)
+        optimizer = build_optimizer(model, self.cfg.train)
+        if self.parallel is None:
+            ckpt.load_optimizer_state(optimizer, last)
+        else:
+            parallel_ckpt.load_optimizer_state(optimizer, model, last, self.parallel)
+        ckpt.set_rng_state(trainer_state["rng"])
+        return optimizer
+
+    def _merge_and_carry(self, model, s: int, old_banks: dict[int, int] | None, optimizer):
+        """Merge to the budget; returns a new optimizer that carries the moments of every surviving expert.
+
+        Under torchrun the moments are made whole with the weights (the merge moves them between rows that
+        different ranks hold) and cut to each rank's rows once the experts are split again.
+        """
+        from modular.parallel import optimizer_state
+        from modular.train.optimizer import build_optimizer
+
+        if self.parallel is not None:
+            optimizer_state.gather_optimizer_state(optimizer, model, self.parallel)
+        with self._full_experts(model):
+            row_sources = self.merge(model, s)
+            self._apply_freeze(model, s, {i: 1 for i in (old_banks or {})} if old_banks else None)
+            new_optimizer = build_optimizer(model, self.cfg.train)
+            lifecycle.carry_optimizer_state(optimizer, new_optimizer, row_sources)
+        if self.parallel is not None:
+            optimizer_state.shard_optimizer_state(new_optimizer, model)
+        return new_optimizer
+
+    def _save_checkpoint(self, model, optimizer, s: int, domain: str, tokens: int) -> None:
+        from modular.models.structure import model_structure
+
+        state = {"structure": model_structure(model), "stage": s, "domain": domain, "tokens": tokens}
+        keep = max(1, self.cfg.train.keep_checkpoints)
+        step = self.state["global_step"]
+        if self.parallel is None:
+            ckpt.save_checkpoint(self.run_dir, step, model, optimizer, state, self.config_record, keep=keep)
+        else:  # gathered on save: rank 0 writes the one-process checkpoint, which loads at any world size
+            parallel_ckpt.save_checkpoint(self.run_dir, step, model, optimizer, state, self.config_record,
+                                          self.parallel, keep=keep)
 
     def _apply_freeze(self, model, s: int, old_banks: dict[int, int] | None) -> None:
         lifecycle.unfreeze_all(model)
@@ -348,8 +476,6 @@ class ContinualRun:
 
     def _review(self, model, s: int, stage_dir: Path) -> int:
         """Train only the router rows on a small replay mix of every domain seen so far."""
-        from modular.train.trainer import Trainer
-
         trainable = {id(p): p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -358,9 +484,9 @@ class ContinualRun:
                 bank.router_weight.requires_grad_(True)
         review_cfg = stage_config(self.cfg, self.c.review_steps, lr=self.c.review_lr or self.cfg.train.lr)
         seen = list(self.c.stream)[: s + 1]
-        loader = self._loader({d: 1.0 for d in seen}, seed_offset=20_000 + s)
-        trainer = Trainer(review_cfg, stage_dir / "review", model, loader, {}, config_record=self.config_record,
-                          log_prefix={"stage": s, "phase": "router_review"})
+        trainer = self._trainer(review_cfg, stage_dir / "review", model,
+                                self._loader({d: 1.0 for d in seen}, seed_offset=20_000 + s),
+                                {"stage": s, "phase": "router_review"})
         trainer.resume()
         trainer.fit(progress_desc=f"stage {s} router review")
         for p in model.parameters():
@@ -368,35 +494,63 @@ class ContinualRun:
         return trainer.tokens
 
 
+def _world_size() -> int:
+    """Processes torchrun started (1 without it; a malformed value is init_parallel's to report)."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    return int(value) if value.isdigit() else 1
+
+
 def continual_command(overrides: list[str]) -> int:
-    from modular.config import to_dict
-    from modular.continual.report import write_report
-    from modular.train.run import compose_run, prepare_data
+    from modular.parallel.mesh import init_parallel, shutdown
+    from modular.train.run import compose_run
 
     cfg, all_overrides, folder = compose_run(overrides)
-    validate_continual(cfg)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("modular continual runs in one process for now (WORLD_SIZE="
-                          f"{os.environ['WORLD_SIZE']}); launch it without torchrun, or use modular train under torchrun.")
+    validate_continual(cfg, world_size=_world_size())
+    # Under torchrun: the process group and the (dp, ep) mesh; None (and nothing set up) for one process.
+    parallel = init_parallel(cfg)
+    if parallel is None:
+        return _continual(cfg, all_overrides, folder, None)
+    try:  # rank 0's folder (its name may hold a timestamp) and overrides on every rank
+        all_overrides, folder = parallel.broadcast_object((all_overrides, folder))
+        return _continual(cfg, all_overrides, folder, parallel)
+    finally:
+        shutdown()
+
+
+def _continual(cfg, all_overrides: list[str], folder: Path, parallel) -> int:
+    from modular.config import to_dict
+    from modular.continual.report import write_report
+    from modular.train.run import prepare_data
+
+    main = parallel is None or parallel.is_main
+    print_ = print if main else (lambda *args: None)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"run.dir={folder} is a file, not a folder; choose another run.dir.")
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    tokenizer, _, val_sets = prepare_data(cfg, domains=list(cfg.continual.stream))
-    val_sets = {d: val_sets[d] for d in cfg.continual.stream}
+    stream = list(cfg.continual.stream)
+    if parallel is None:
+        tokenizer, _, val_sets = prepare_data(cfg, domains=stream)
+    else:  # rank 0 builds (or checks) the token-shard cache, then the others read it
+        tokenizer, _, val_sets = parallel.main_first(lambda: prepare_data(cfg, domains=stream, parallel=parallel))
+    val_sets = {d: val_sets[d] for d in stream}
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "overrides.json", all_overrides)
     record = to_dict(cfg)
-    atomic_write_text(folder / "config.json", json.dumps(record, indent=2) + "\n")
+    if main:
+        atomic_write_json(folder / "overrides.json", all_overrides)
+        atomic_write_text(folder / "config.json", json.dumps(record, indent=2) + "\n")
+    where = (f" on {parallel.world_size} processes (dp={parallel.dp}, ep={parallel.ep}, {parallel.backend})"
+             if parallel is not None else "")
     first = cfg.continual.first_stage_steps
-    print(f"continual run in {folder}: stream {' → '.join(cfg.continual.stream)}, strategy {cfg.continual.strategy}, "
-          f"{cfg.continual.steps_per_stage} steps per stage" + (f" ({first} in stage 0)" if first is not None else ""))
-    run = ContinualRun(cfg, folder, tokenizer, val_sets, record)
+    print_(f"continual run in {folder}{where}: stream {' → '.join(stream)}, strategy {cfg.continual.strategy}, "
+           f"{cfg.continual.steps_per_stage} steps per stage" + (f" ({first} in stage 0)" if first is not None else ""))
+    run = ContinualRun(cfg, folder, tokenizer, val_sets, record, parallel=parallel)
     state = run.run()
     if "stopped_by_signal" in state:
-        print(f"stopped; resume with: modular continual run.dir={folder}")
+        print_(f"stopped; resume with: modular continual run.dir={folder}")
         return 128 + int(state["stopped_by_signal"])
-    report = write_report(folder, cfg, run.state)
-    print(report["markdown_matrix"])
-    print(f"report: {folder / 'report.md'} and {folder / 'report.json'}")
+    if main:
+        report = write_report(folder, cfg, run.state)
+        print(report["markdown_matrix"])
+        print(f"report: {folder / 'report.md'} and {folder / 'report.json'}")
     return 0

@@ -20,9 +20,23 @@ def experts_per_token(moe: MoELayer) -> float:
     return float(moe.top_k)
 
 
+def parameter_count(module) -> int:
+    """Parameters of `module`, every expert stack counted at all of its experts.
+
+    Under expert parallelism a rank holds only a slice of each stack (modular.parallel), but a summary
+    describes the whole model, the same on every rank and in one process.
+    """
+    stacks = {}
+    for m in module.modules():
+        for name in getattr(m, "expert_param_names", ()):
+            p = getattr(m, name)
+            stacks[id(p)] = p[0].numel() * m.num_experts
+    return sum(stacks.get(id(p), p.numel()) for p in module.parameters())
+
+
 def moe_layer_params(moe: MoELayer) -> tuple[int, float]:
     """(total, active) parameters of one MoE layer."""
-    total = sum(p.numel() for p in moe.parameters())
+    total = parameter_count(moe)
     routed_total = sum(bank.params_per_expert() * bank.num_experts for bank in moe.banks)
     mean_per_expert = routed_total / moe.num_experts
     active = total - routed_total + experts_per_token(moe) * mean_per_expert
@@ -31,8 +45,7 @@ def moe_layer_params(moe: MoELayer) -> tuple[int, float]:
 
 def summarize(model: ModularLM, seq_len: int | None = None) -> dict:
     seq_len = seq_len or model.max_seq_len
-    params = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in params.values())
+    total = parameter_count(model)
     embedding = model.embed_tokens.weight.numel()
     tied = model.lm_head.weight is model.embed_tokens.weight
     layers = []
