@@ -41,8 +41,8 @@ from contextlib import contextmanager
 import torch
 
 SHAPES = {  # E experts, k per token, d model, ffn per expert, T tokens
-    "mixtral": dict(E=8, k=2, d=512, ffn=1024, T=4096),
-    "fine": dict(E=64, k=8, d=512, ffn=128, T=4096),
+    "mixtral": {"E": 8, "k": 2, "d": 512, "ffn": 1024, "T": 4096},
+    "fine": {"E": 64, "k": 8, "d": 512, "ffn": 128, "T": 4096},
 }
 
 

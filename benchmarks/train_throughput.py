@@ -69,7 +69,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     rates = {name: tokens_per_round / min(s) for name, s in seconds.items()}
     dense_rate = rates["dense, same active"]
-    for name, (c, model, _) in built.items():
+    for name, (_cfg, model, _) in built.items():
         s = summarize(model, t.seq_len)
         print(f"| {name} | {s['total_params']:,} | {s['active_params']:,} | {s['train_flops_per_token']:,} | "
               f"{rates[name]:,.0f} | {rates[name] / dense_rate:.2f} |")

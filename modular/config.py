@@ -203,8 +203,8 @@ def _parsed_value(override: str):
 
     try:
         return OverridesParser.create().parse_override(override).value()
-    except Exception:
-        return None  # hydra reports grammar errors itself
+    except Exception:  # noqa: BLE001  (any parse failure: hydra reports grammar errors itself)
+        return None
 
 
 def _matches(value, type_name: str) -> bool:
@@ -260,13 +260,13 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
-    except Exception as exc:  # hydra/omegaconf raise many types; all are the user's input here
+    except Exception as exc:  # noqa: BLE001  (hydra/omegaconf raise many types; all are user input)
         raise ConfigError(_one_sentence(exc)) from None
     finally:
         GlobalHydra.instance().clear()
     try:
         OmegaConf.resolve(cfg)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (an interpolation error of any type is the user's input)
         raise ConfigError(_one_sentence(exc)) from None
     validate(cfg)
     return cfg

@@ -143,7 +143,7 @@ def test_moe_layer_matches_float64_reference(expert_type, router):
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)  # float64 both sides: only reordering
 
     upstream = torch.randn_like(y)
-    params = [p for p in layer.parameters()]
+    params = list(layer.parameters())
     grads = torch.autograd.grad(y, [x, *params], upstream, allow_unused=True)
     grads_ref = torch.autograd.grad(y_ref, [x, *params], upstream, allow_unused=True)
     names = ["x"] + [n for n, _ in layer.named_parameters()]
@@ -151,7 +151,7 @@ def test_moe_layer_matches_float64_reference(expert_type, router):
         if g_ref is None:
             assert g is None or torch.count_nonzero(g) == 0, name
             continue
-        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11, msg=lambda m, name=name: f"{name}: {m}")
     if router not in ("hash",):
         assert grads[names.index("banks.0.router_weight")].abs().sum() > 0  # the router learns
 

@@ -6,7 +6,6 @@ rate, review the router, distil from the previous model, merge back to a budget.
 """
 
 # OmegaConf 2.3 reads typing.Optional / typing.List in structured configs but not `X | None` or `list[...]`.
-# ruff: noqa: UP006, UP035, UP045
 from __future__ import annotations
 
 from dataclasses import dataclass, field

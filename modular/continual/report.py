@@ -77,8 +77,8 @@ def markdown(report: dict) -> str:
                 out.append(f"| {d} | {_fmt(report['plasticity'][j])} | {_fmt(report['forgetting'][j])} | "
                            f"{_fmt(rel * 100 if rel is not None else None, 1)} |")
         out += ["", f"- final average perplexity: {_fmt(report['final_average_perplexity'])}",
-                f"- mean forgetting on earlier domains: "
-                f"{_fmt(report['mean_forgetting_relative'] * 100 if report['mean_forgetting_relative'] is not None else None, 1)}%",
+                (f"- mean forgetting on earlier domains: "
+                 f"{_fmt(report['mean_forgetting_relative'] * 100 if report['mean_forgetting_relative'] is not None else None, 1)}%"),
                 f"- backward transfer (ppl, + = later stages helped): {_fmt(report['backward_transfer'])}",
                 f"- forward transfer (ppl, + = earlier stages helped): {_fmt(report['forward_transfer'])}", ""]
     out += ["## Compute and parameters", "",
@@ -89,8 +89,8 @@ def markdown(report: dict) -> str:
         out.append(f"| {st['stage']} | {st['domain']} | {st['tokens'] + st['review_tokens']:,} | "
                    f"{report['flops'][j]:.3e} | {report['params_total'][j]:,} | {report['params_active'][j]:,} | "
                    f"{experts} |")
-    out += ["", f"Total: {report['tokens_total']:,} tokens, {report['flops_total']:.3e} training FLOPs. "
-            f"Active parameters per token {'stay the same as experts are added (top-k unchanged)' if report['active_params_unchanged_by_growth'] else 'changed across stages'}.",
+    out += ["", (f"Total: {report['tokens_total']:,} tokens, {report['flops_total']:.3e} training FLOPs. "
+                 f"Active parameters per token {'stay the same as experts are added (top-k unchanged)' if report['active_params_unchanged_by_growth'] else 'changed across stages'}."),
             ""]
     if any(report["routing"]):
         out += ["## Routing: share of each domain's tokens per expert bank (after each stage)", ""]

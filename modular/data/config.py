@@ -9,7 +9,6 @@ Corpus paths (`train`, `val`, `tokenizer.path`) are one of:
 """
 
 # OmegaConf 2.3 reads typing.Optional / typing.Dict in structured configs but not `X | None` or `dict[...]`.
-# ruff: noqa: UP006, UP035, UP045
 from __future__ import annotations
 
 import importlib.util

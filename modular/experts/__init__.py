@@ -3,8 +3,8 @@
 Expert kinds are chosen by name from `EXPERT_REGISTRY`; users add their own with `@register_expert`.
 """
 
+from modular.experts import gelu, lowrank, swiglu  # noqa: F401  (registration)
 from modular.experts.base import EXPERT_REGISTRY, ExpertBank, build_bank, register_expert
-from modular.experts import swiglu, gelu, lowrank  # noqa: F401  (registration)
 from modular.experts.shared import SharedExperts
 
 __all__ = ["EXPERT_REGISTRY", "ExpertBank", "SharedExperts", "build_bank", "register_expert"]

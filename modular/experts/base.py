@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from modular.errors import ConfigError
 
-EXPERT_REGISTRY: dict[str, type["ExpertBank"]] = {}
+EXPERT_REGISTRY: dict[str, type[ExpertBank]] = {}
 
 
 def register_expert(name: str):
@@ -48,7 +48,7 @@ class ExpertBank(nn.Module):
         self.router_weight = nn.Parameter(torch.empty(num_experts, d_model))  # [E, D]: this bank's router rows
 
     @classmethod
-    def from_config(cls, d_model: int, num_experts: int, cfg, init_std: float) -> "ExpertBank":
+    def from_config(cls, d_model: int, num_experts: int, cfg, init_std: float) -> ExpertBank:
         return cls(d_model, cfg.ffn_dim, num_experts, init_std)
 
     def reset_parameters(self) -> None:

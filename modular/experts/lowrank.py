@@ -34,7 +34,7 @@ class LowRankBank(ExpertBank):
         self.b_down = nn.Parameter(torch.empty(E, D, r))  # [E, D, r]
 
     @classmethod
-    def from_config(cls, d_model: int, num_experts: int, cfg, init_std: float) -> "LowRankBank":
+    def from_config(cls, d_model: int, num_experts: int, cfg, init_std: float) -> LowRankBank:
         return cls(d_model, cfg.ffn_dim, num_experts, init_std, rank=cfg.rank)
 
     def reset_parameters(self) -> None:

@@ -43,7 +43,6 @@ def export_command(overrides: list[str]) -> int:
     from modular.export.moe import export_moe
     from modular.export.report import export_report
     from modular.export.upcycle import load_hf_llama
-
     from modular.train.run import load_run_model
 
     model, cfg, folder, checkpoint = load_run_model(overrides, "export")

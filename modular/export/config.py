@@ -3,7 +3,6 @@
 """
 
 # OmegaConf 2.3 reads typing.Optional in structured configs but not `X | None`.
-# ruff: noqa: UP045
 from __future__ import annotations
 
 from dataclasses import dataclass

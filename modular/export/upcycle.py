@@ -126,7 +126,7 @@ def _read_gguf(folder: Path, gguf_file: str, dtype: torch.dtype) -> tuple[object
     path = folder / gguf_file
     try:
         hf_config = AutoConfig.from_pretrained(str(folder), gguf_file=gguf_file, local_files_only=True)
-    except Exception as exc:  # the gguf reader raises ValueError/KeyError/struct errors on a corrupt file
+    except Exception as exc:  # noqa: BLE001  (gguf: ValueError/KeyError/struct errors on a corrupt file)
         raise CheckpointError(f"{path} is not a readable GGUF model ({_first_line(exc)}).") from None
     misfits = llama_misfits(hf_config)
     if misfits:
@@ -134,7 +134,7 @@ def _read_gguf(folder: Path, gguf_file: str, dtype: torch.dtype) -> tuple[object
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, local_files_only=True,
                                                         dtype=dtype)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (transformers/gguf raise many types; all mean "cannot load it")
         raise CheckpointError(f"{path} could not be dequantised into a Llama model ({_first_line(exc)}).") from None
     return hf_model.config, hf_model.state_dict()
 
@@ -181,7 +181,7 @@ def write_source_tokenizer(folder: Path, gguf_file: str | None, target: Path, re
         raise ConfigError(GGUF_INSTALL_HINT + ".")
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file, local_files_only=True)
-    except Exception as exc:  # no tokenizer files, or GGUF without tokenizer metadata
+    except Exception as exc:  # noqa: BLE001  (no tokenizer files, or GGUF without tokenizer metadata)
         if not required:
             return False
         source = folder / gguf_file if gguf_file else folder

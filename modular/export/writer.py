@@ -142,7 +142,7 @@ def load_safetensors_folder(folder: Path) -> dict[str, Tensor]:
             return state
         if single.is_file():
             return load_file(str(single))
-    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+    except Exception as exc:  # noqa: BLE001  (safetensors' own error types for truncated or corrupt files)
         raise CheckpointError(f"the weights in {folder} cannot be read as safetensors ({_first_line(exc)}).") from None
     pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
     if pickled:

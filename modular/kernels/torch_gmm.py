@@ -16,7 +16,6 @@ Function that streams expert by expert: the fastest CPU path measured (benchmark
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 IMPLS = ("auto", "grouped_mm", "segments", "padded_bmm")

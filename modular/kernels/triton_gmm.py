@@ -252,7 +252,7 @@ def _gmm_dw_kernel(
     out_block = first_out_block + (tile % tiles_per_group) % group_size
     in_block = (tile % tiles_per_group) // group_size
 
-    if SUBSET:
+    if SUBSET:  # noqa: SIM108  (a compile-time branch of the kernel, kept as a statement)
         expert = tl.load(active_experts + slot)
     else:
         expert = slot

@@ -89,7 +89,7 @@ class ModularLM(nn.Module):
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> LMOutput:
         """input_ids [B, T]; targets [B, T] aligned with the inputs (already shifted), -100 = ignore."""
-        B, T = input_ids.shape
+        _, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # [B, T, D]
         positions = torch.arange(T, device=input_ids.device)
         cos, sin = self.rotary(positions, x.dtype)

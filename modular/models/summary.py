@@ -65,7 +65,7 @@ def summarize(model: ModularLM, seq_len: int | None = None) -> dict:
                 experts_per_token=experts_per_token(moe),
                 shared_experts=moe.shared_experts.num_shared if moe.shared_experts is not None else 0,
                 ffn_params=moe_total,
-                ffn_active_params=int(round(moe_active)),
+                ffn_active_params=round(moe_active),
             )
         else:
             entry.update(ffn_params=sum(p.numel() for p in layer.mlp.parameters()), ffn_dim=layer.mlp.ffn_dim)
@@ -78,11 +78,11 @@ def summarize(model: ModularLM, seq_len: int | None = None) -> dict:
     flops = 2 * active_matmul + 2 * n_layers * seq_len * model.d_model
     return {
         "total_params": int(total),
-        "active_params": int(round(active)),
+        "active_params": round(active),
         "embedding_params": int(embedding),
         "tied_embeddings": bool(tied),
-        "flops_per_token": int(round(flops)),
-        "train_flops_per_token": int(round(3 * flops)),
+        "flops_per_token": round(flops),
+        "train_flops_per_token": round(3 * flops),
         "seq_len": int(seq_len),
         "n_layers": n_layers,
         "moe_layers": [e["index"] for e in layers if e["ffn"] == "moe"],

@@ -142,8 +142,8 @@ def main() -> None:
     rows = results.get()
     latency, bandwidth = _fit_a2a(rows)
     rate = max(r["flops"] / r["gemm_s"] for r in rows)
-    device = torch.cuda.get_device_name(0) if args.backend == "nccl" else f"CPU ({platform.processor() or 'x86_64'}, "\
-        f"{os.cpu_count()} cores)"
+    device = (torch.cuda.get_device_name(0) if args.backend == "nccl"
+              else f"CPU ({platform.processor() or 'x86_64'}, {os.cpu_count()} cores)")
     print(f"EP=2 on 2 processes, {args.backend}, {device}, {args.dtype}; D={D_MODEL}, F={FFN}, k={TOP_K}, "
           f"E={EXPERTS}")
     model_bytes = a2a_bytes_per_token(D_MODEL, TOP_K, 2, args.dtype)

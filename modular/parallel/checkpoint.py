@@ -88,7 +88,7 @@ def load_model_weights(model, folder: Path, ctx) -> None:
     sharded = expert_parameter_names(model)
     loaded = load_file(Path(folder) / "model.safetensors")
     expected = {name: tuple(t.shape) for name, t in ckpt.unique_state_dict(model).items()}
-    for name, (start, stop, full) in sharded.items():
+    for name, (_start, _stop, full) in sharded.items():
         if name in expected:
             expected[name] = (full,) + expected[name][1:]  # compare with the whole stack, then slice
     missing = sorted(set(expected) - set(loaded))

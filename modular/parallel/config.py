@@ -5,7 +5,6 @@ torchrun started run when the process group is set up (`modular.parallel.mesh.me
 """
 
 # OmegaConf 2.3 reads typing.Optional in structured configs but not `X | None`.
-# ruff: noqa: UP045
 from __future__ import annotations
 
 from dataclasses import dataclass

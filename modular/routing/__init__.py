@@ -3,8 +3,8 @@
 Routers are chosen by name from `ROUTER_REGISTRY`; users add their own with `@register_router("name")`.
 """
 
+from modular.routing import expert_choice, hash_router, sinkhorn, topk  # noqa: F401  (registration)
 from modular.routing.base import ROUTER_REGISTRY, Router, RouterOutput, build_router, register_router
-from modular.routing import topk, expert_choice, sinkhorn, hash_router  # noqa: F401  (registration)
 from modular.routing.capacity import apply_capacity, expert_capacity
 from modular.routing.losses import load_balancing_loss, z_loss
 from modular.routing.stats import routing_stats

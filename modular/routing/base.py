@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from modular.errors import ConfigError
 
-ROUTER_REGISTRY: dict[str, type["Router"]] = {}
+ROUTER_REGISTRY: dict[str, type[Router]] = {}
 MASKED_LOGIT = -1.0e4  # exp(-1e4) underflows to exactly 0 in fp32 and bf16: an expert never routed to
 
 
@@ -58,7 +58,7 @@ class Router(nn.Module):
         # (growth that keeps the model's function until a stage starts training the new experts).
         self.register_buffer("logit_offset", torch.zeros(num_experts), persistent=True)
 
-    def resize(self, num_experts: int, keep: "Tensor | None" = None) -> None:
+    def resize(self, num_experts: int, keep: Tensor | None = None) -> None:
         """Follow a new expert count: `keep` lists the old experts that survive, in order (default: all
         old experts first, new ones appended); per-expert state of new experts starts at zero."""
         for name, buf in list(self.named_buffers(recurse=False)):

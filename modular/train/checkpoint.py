@@ -165,7 +165,7 @@ def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
 def load_optimizer_state(optimizer, folder: Path) -> None:
     try:
         state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:  # an unpickler refusing a non-tensor object is the case this guards
+    except Exception as exc:  # noqa: BLE001  (an unpickler refusing a non-tensor object)
         raise CheckpointError(
             f"Checkpoint file {folder / 'optimizer.pt'} holds more than tensors and plain data and was not loaded "
             f"({type(exc).__name__})."

@@ -23,7 +23,7 @@ class JsonlLogger:
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (open for the logger's life)
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")

@@ -100,9 +100,9 @@ def _train(cfg, all_overrides: list[str], folder: Path, parallel) -> int:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     if parallel is None:
-        tokenizer, loader, val_sets = prepare_data(cfg)
+        _tokenizer, loader, val_sets = prepare_data(cfg)
     else:  # rank 0 builds (or checks) the token-shard cache, then the others read it
-        tokenizer, loader, val_sets = parallel.main_first(lambda: prepare_data(cfg, parallel=parallel))
+        _tokenizer, loader, val_sets = parallel.main_first(lambda: prepare_data(cfg, parallel=parallel))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     if cfg.train.init_from and ckpt.latest_checkpoint(folder) is None:
@@ -159,7 +159,7 @@ def eval_command(overrides: list[str]) -> int:
     from modular.train.evaluate import evaluate, format_eval_table
     from modular.train.trainer import autocast_for, resolve_device
 
-    model, cfg, folder, checkpoint = load_run_model(overrides, "eval")
+    model, cfg, _folder, checkpoint = load_run_model(overrides, "eval")
     val_sets = validation_sets(cfg.data, cfg.train.batch_size, cfg.train.seq_len, max_batches=cfg.train.eval_batches,
                                progress=cfg.train.progress)
     device = resolve_device(cfg.train.device)

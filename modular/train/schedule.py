@@ -22,7 +22,7 @@ def lr_at(step: int, *, lr: float, max_steps: int, warmup_steps: int, schedule: 
         progress = min(1.0, (step - warmup_steps) / span)
         return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
     if schedule == "wsd":
-        decay_steps = max(1, int(round(decay_fraction * max_steps)))
+        decay_steps = max(1, round(decay_fraction * max_steps))
         decay_start = max(warmup_steps, max_steps - decay_steps)
         if step < decay_start:
             return lr

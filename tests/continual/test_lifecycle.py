@@ -34,7 +34,7 @@ def train_steps(model, cfg, ids, steps=3):
 
 
 def test_masked_add_keeps_the_models_function():
-    cfg, model, ids = model_and_batch()
+    _cfg, model, ids = model_and_batch()
     model.eval()
     before = model(ids).logits
     for layer in model.moe_layers:
@@ -47,7 +47,7 @@ def test_masked_add_keeps_the_models_function():
 
 
 def test_copy_add_copies_the_most_used_experts():
-    cfg, model, ids = model_and_batch()
+    _cfg, model, ids = model_and_batch()
     usage = lifecycle.measure_usage(model, [ids])
     layer = model.moe_layers[0]
     top = torch.argsort(usage[0], descending=True)[:2].tolist()
@@ -74,8 +74,8 @@ def test_freeze_is_bitwise(tmp_path):
 
 
 def test_unknown_freeze_target():
-    cfg, model, _ = model_and_batch()
-    with pytest.raises(ConfigError, match="'decoder'.*freezable parts are"):
+    _cfg, model, _ = model_and_batch()
+    with pytest.raises(ConfigError, match=r"'decoder'.*freezable parts are"):
         lifecycle.freeze(model, ["decoder"])
 
 
@@ -89,7 +89,7 @@ def make_identical(layer):
 
 @pytest.mark.parametrize("method", ["frequency", "cluster", "task_arithmetic", "ties"])
 def test_merge_of_identical_experts_changes_nothing(method):
-    cfg, model, ids = model_and_batch()
+    _cfg, model, ids = model_and_batch()
     for layer in model.moe_layers:
         lifecycle.add_experts(layer, 4, init="copy", copy_from="all")
         make_identical(layer)
@@ -103,7 +103,7 @@ def test_merge_of_identical_experts_changes_nothing(method):
 
 
 def test_merge_budget_below_the_kept_experts_is_refused():
-    cfg, model, _ = model_and_batch()
+    _cfg, model, _ = model_and_batch()
     layer = model.moe_layers[0]
     lifecycle.add_experts(layer, 2)
     with pytest.raises(ConfigError, match="merge_budget=4 is below the 4 experts"):
@@ -111,7 +111,7 @@ def test_merge_budget_below_the_kept_experts_is_refused():
 
 
 def test_frequency_merge_keeps_most_used_and_averages_the_rest():
-    cfg, model, _ = model_and_batch()
+    _cfg, model, _ = model_and_batch()
     layer = model.moe_layers[0]
     lifecycle.add_experts(layer, 3, init="random")
     old = {n: torch.cat([getattr(b, n) for b in layer.banks]).detach().clone() for n in ("w_up", "router_weight")}
@@ -127,7 +127,7 @@ def test_frequency_merge_keeps_most_used_and_averages_the_rest():
 
 
 def test_task_arithmetic_merge_needs_parents():
-    cfg, model, _ = model_and_batch()
+    _cfg, model, _ = model_and_batch()
     layer = model.moe_layers[0]
     lifecycle.add_experts(layer, 2, init="random")
     with pytest.raises(ConfigError, match="has none"):
@@ -135,7 +135,7 @@ def test_task_arithmetic_merge_needs_parents():
 
 
 def test_remove_drops_least_used():
-    cfg, model, _ = model_and_batch()
+    _cfg, model, _ = model_and_batch()
     layer = model.moe_layers[0]
     lifecycle.add_experts(layer, 3, init="random")
     kept_row = layer.banks[1].w_down[2].detach().clone()

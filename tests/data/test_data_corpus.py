@@ -52,11 +52,11 @@ def test_empty_file_is_an_error(tmp_path):
 
 def test_empty_domain_directory_and_glob_are_errors(tmp_path):
     (tmp_path / "only.csv").write_text("a,b", encoding="utf-8")
-    with pytest.raises(DataError, match="holds no .jsonl or .txt files"):
+    with pytest.raises(DataError, match=r"holds no \.jsonl or \.txt files"):
         list_corpus_files(str(tmp_path), "data.domains.d.train")
     with pytest.raises(DataError, match=r"data\.domains\.d\.train=.*matches no"):
         list_corpus_files(str(tmp_path / "*.jsonl"), "data.domains.d.train")
-    with pytest.raises(DataError, match="neither .jsonl nor .txt"):
+    with pytest.raises(DataError, match=r"neither \.jsonl nor \.txt"):
         list_corpus_files(str(tmp_path / "only.csv"), "data.domains.d.train")
 
 
@@ -101,7 +101,7 @@ def test_malformed_json_and_missing_field_name_the_offset(tmp_path):
 
 def test_unknown_domain_is_a_config_error(make_config):
     cfg = make_config({"d": ["x"]})
-    with pytest.raises(ConfigError, match="domain 'zz' is not in data.domains"):
+    with pytest.raises(ConfigError, match=r"domain 'zz' is not in data\.domains"):
         _docs(cfg, domain="zz")
 
 

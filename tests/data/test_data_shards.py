@@ -103,7 +103,7 @@ def test_bad_utf8_fails_the_build_with_offset_and_leaves_nothing(tmp_path, make_
 
 def test_empty_file_among_others_and_empty_val_split_are_errors(tmp_path, make_config, write_jsonl):
     cfg = make_config({"d": ["one document"]})
-    with pytest.raises(DataError, match="domain 'd' has no val documents: .* none of its 1 documents"):
+    with pytest.raises(DataError, match=r"domain 'd' has no val documents: .* none of its 1 documents"):
         build_domain_shards(cfg, "d", "val")
     folder = tmp_path / "folder"
     write_jsonl(folder / "a.jsonl", ["text"])

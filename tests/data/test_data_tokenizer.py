@@ -42,7 +42,7 @@ def test_load_tokenizer_rejects_unknown_kind_and_missing_path(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_tokenizer(TokenizerConfig(kind="hf", path=str(tmp_path / "missing")))
     (tmp_path / "tokenizer.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(DataError, match="is not a tokenizer.json"):
+    with pytest.raises(DataError, match=r"is not a tokenizer\.json"):
         load_tokenizer(TokenizerConfig(kind="hf", path=str(tmp_path)))
 
 

@@ -97,7 +97,7 @@ def test_auto_format_picks_mixtral_then_qwen_then_refuses():
     model, cfg = build("experts.shared_experts=1")
     assert isinstance(choose_moe_adapter(model.state_dict(), cfg), Qwen2MoeAdapter)
     model, cfg = build("experts.type=gelu", "routing.type=expert_choice", "routing.capacity_factor=1.0")
-    with pytest.raises(ConfigError, match="fits no Hugging Face MoE format.*expert_choice.*gelu"):
+    with pytest.raises(ConfigError, match=r"fits no Hugging Face MoE format.*expert_choice.*gelu"):
         choose_moe_adapter(model.state_dict(), cfg)
 
 
@@ -129,5 +129,5 @@ def test_from_hf_refuses_unmapped_tensors():
     adapter = LlamaAdapter()
     hf = adapter.to_hf(model.state_dict(), cfg)
     hf["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)
-    with pytest.raises(CheckpointError, match="q_proj.bias"):
+    with pytest.raises(CheckpointError, match=r"q_proj\.bias"):
         adapter.from_hf(hf, adapter.hf_config(model.state_dict(), cfg))

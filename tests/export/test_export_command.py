@@ -86,7 +86,7 @@ def test_upcycle_command_refuses_architecture_overrides(tmp_path):
     from modular.errors import ConfigError
     from modular.export.command import upcycle_command
 
-    with pytest.raises(ConfigError, match="model.d_model=64 is not allowed with modular upcycle"):
+    with pytest.raises(ConfigError, match=r"model\.d_model=64 is not allowed with modular upcycle"):
         upcycle_command(["upcycle.source=x", "model.d_model=64", f"run.dir={tmp_path / 'r'}"])
 
 

@@ -18,9 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 
 def tiny_hf_llama(tied: bool = True, seed: int = 0, **overrides):
-    config = dict(vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, rope_theta=5000.0, rms_norm_eps=1e-5,
-                  tie_word_embeddings=tied)
+    config = {"vocab_size": 259, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+              "rope_theta": 5000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": tied}
     config.update(overrides)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
@@ -88,7 +88,7 @@ def test_upcycle_then_ties_or_task_arithmetic_merge_back_to_the_seed(llama_folde
 def test_upcycle_refusals(llama_folder):
     folder, _ = llama_folder
     dense, cfg = load_hf_llama(folder, overrides=["routing.type=expert_choice", "routing.capacity_factor=1.0"])
-    with pytest.raises(ConfigError, match="routing.type=expert_choice.*capacity_factor=1.0"):
+    with pytest.raises(ConfigError, match=r"routing\.type=expert_choice.*capacity_factor=1\.0"):
         upcycle(dense, cfg, num_experts=4)
     dense, cfg = load_hf_llama(folder)
     with pytest.raises(ConfigError, match="layers=\\[5\\]"):

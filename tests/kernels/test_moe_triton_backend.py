@@ -8,8 +8,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import tiny_cfg  # noqa: E402
-from modular.models.moe import MoELayer  # noqa: E402
+from helpers import tiny_cfg
+from modular.models.moe import MoELayer
 
 pytest.importorskip("triton")
 

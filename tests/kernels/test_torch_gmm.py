@@ -167,7 +167,7 @@ def test_swiglu_moe_matches_float64_reference(dims, chunk_rows):
     y = SwiGLUMoE.apply(x, wg, wu, wd, weights[order], tokens[order], counts, chunk_rows)
     grads = torch.autograd.grad(y, ours, upstream.float())
     close(y, y_ref.detach())
-    for name, g, g_ref in zip(["x", "w_gate", "w_up", "w_down", "weights"], grads, grads_ref):
+    for _name, g, g_ref in zip(["x", "w_gate", "w_up", "w_down", "weights"], grads, grads_ref):
         close(g, g_ref)
     assert torch.count_nonzero(grads[1][[1, 4, 5]]) == 0  # empty experts: exactly zero
 
@@ -186,7 +186,7 @@ def test_swiglu_moe_sum_backward_and_single_backward():
 
 
 def test_swiglu_moe_frozen_weights_get_no_gradient():
-    params, experts, tokens, order, counts = swiglu_problem(seed=4)
+    params, _experts, tokens, order, counts = swiglu_problem(seed=4)
     x, wg, wu, wd, weights = [p.detach().float() for p in params]
     wd.requires_grad_(True)
     x.requires_grad_(True)

@@ -57,7 +57,7 @@ def test_one_process_sets_up_nothing(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     assert init_parallel(compose_config(["model=tiny"])) is None
     assert not torch.distributed.is_initialized()
-    with pytest.raises(ConfigError, match="parallel.ep=2 needs at least 2 processes, but WORLD_SIZE=1"):
+    with pytest.raises(ConfigError, match=r"parallel\.ep=2 needs at least 2 processes, but WORLD_SIZE=1"):
         init_parallel(compose_config(["model=tiny", "parallel.ep=2"]))
 
 

@@ -14,7 +14,7 @@ def test_warmup_is_linear_to_peak():
 
 
 def test_cosine_key_steps():
-    kw = dict(lr=1.0, max_steps=110, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    kw = {"lr": 1.0, "max_steps": 110, "warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1}
     assert lr_at(10, **kw) == pytest.approx(1.0)
     assert lr_at(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi/2) = 0
     assert lr_at(110, **kw) == pytest.approx(0.1)
@@ -22,7 +22,8 @@ def test_cosine_key_steps():
 
 
 def test_wsd_key_steps():
-    kw = dict(lr=2.0, max_steps=100, warmup_steps=10, schedule="wsd", min_lr_ratio=0.0, decay_fraction=0.2)
+    kw = {"lr": 2.0, "max_steps": 100, "warmup_steps": 10, "schedule": "wsd", "min_lr_ratio": 0.0,
+          "decay_fraction": 0.2}
     assert lr_at(10, **kw) == pytest.approx(2.0)
     assert lr_at(79, **kw) == pytest.approx(2.0)  # stable until the last 20 steps
     assert lr_at(80, **kw) == pytest.approx(2.0)

@@ -40,7 +40,7 @@ def test_training_lowers_validation_loss(tmp_path, capsys):
     assert after < before - 1.0  # from ~ln(259)=5.6 nats towards byte-level English (~3)
     out = capsys.readouterr().out
     assert "bits/byte" in out and "en" in out
-    record = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][0]
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert {"step", "tokens", "loss", "lr", "grad_norm", "aux_loss", "moe", "tokens_per_s"} <= set(record)
     assert len(record["moe"]["layer_0"]["tokens_per_expert"]) == 4
 
