@@ -353,7 +353,7 @@ def _replace_banks(layer: MoELayer, banks: list[ExpertBank], origins: list[Exper
     layer.router.resize(layer.num_experts, keep=keep)
     fresh = torch.tensor([o.survivor_of is None for o in origins])
     # merged experts start unmasked and with no selection bias of their own
-    for name, buf in layer.router.named_buffers(recurse=False):
+    for _name, buf in layer.router.named_buffers(recurse=False):
         if buf.ndim == 1 and buf.numel() == layer.num_experts:
             buf[fresh] = 0.0
     layer.expert_parents = [o.parent for o in origins]

@@ -475,13 +475,17 @@ class ContinualRun:
             lifecycle.freeze(model, list(self.c.freeze), old_banks)
 
     def _review(self, model, s: int, stage_dir: Path) -> int:
-        """Train only the router rows on a small replay mix of every domain seen so far."""
+        """Train only the router rows on a small replay mix of every domain seen so far.
+
+        Only the rows the stage trained: rows frozen by continual.freeze (old_router) stay bitwise
+        unchanged through the review too, so the review teaches the new rows which tokens to leave alone.
+        """
         trainable = {id(p): p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
         for layer in model.moe_layers:
             for bank in layer.banks:
-                bank.router_weight.requires_grad_(True)
+                bank.router_weight.requires_grad_(trainable[id(bank.router_weight)])
         review_cfg = stage_config(self.cfg, self.c.review_steps, lr=self.c.review_lr or self.cfg.train.lr)
         seen = list(self.c.stream)[: s + 1]
         trainer = self._trainer(review_cfg, stage_dir / "review", model,

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from modular.cli import main
 
@@ -122,3 +123,23 @@ def test_stream_starts_from_a_base_model_that_knows_the_first_domain(strategy, t
     r = report(run)
     assert _stage_steps(run) == [0, 4] and r["stages"][0]["tokens"] == 0 and r["flops"][0] == 0
     assert r["matrix"][0][0] == pytest.approx(report(base)["matrix"][0][0], rel=1e-6)  # stage 0 = the base, en
+
+
+def test_frozen_router_rows_stay_bitwise_through_the_stage_and_its_router_review(tmp_path):
+    from safetensors.torch import load_file
+
+    from modular.train.checkpoint import latest_checkpoint
+
+    run = tmp_path / "run"
+    args = ["continual", *SMALL, "continual=add_freeze", "continual.stream=[en,de]", "continual.review_steps=3",
+            "train.keep_checkpoints=2", f"run.dir={run}"]
+    assert main(args) == 0
+    stage0, stage1 = sorted((run / "checkpoints").iterdir())
+    assert latest_checkpoint(run) == stage1
+    before, after = load_file(stage0 / "model.safetensors"), load_file(stage1 / "model.safetensors")
+    old_rows = [n for n in before if n.endswith("banks.0.router_weight")]
+    assert old_rows
+    for name in old_rows:
+        assert torch.equal(before[name], after[name]), name
+    new_rows = [n for n in after if n.endswith("banks.1.router_weight")]
+    assert new_rows and all(n not in before for n in new_rows)
