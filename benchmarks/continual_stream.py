@@ -33,6 +33,10 @@ STRATEGIES = {
     "add+freeze, shared frozen": ["continual=add_freeze",
                                   "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
                                   "continual.review_steps=20"],
+    # the same with the embeddings (and the tied output head) left trainable: new characters and words
+    "add+freeze, attention frozen": ["continual=add_freeze",
+                                     "continual.freeze=[old_experts,old_router,attention,norms]",
+                                     "continual.review_steps=20"],
     "add+freeze+merge": ["continual=add_freeze_merge"],
     "joint": ["continual=joint"],
 }
@@ -68,7 +72,9 @@ def main() -> None:
     chosen = [s for s in STRATEGIES if not args.only or s in args.only.split(",")]
     rows = []
     for name in chosen:
-        run = Path(args.out) / name.replace(" ", "_").replace("%", "pct").replace("+", "_").replace("(", "").replace(")", "")
+        # a folder name without the characters hydra reads in an override value (',' lists, '()' calls)
+        run = Path(args.out) / name.replace(" ", "_").replace("%", "pct").replace("+", "_").replace("(", "").replace(
+            ")", "").replace(",", "")
         if not (run / "report.json").exists():
             start = time.perf_counter()
             code = cli(["continual", *common, *STRATEGIES[name], f"run.dir={run}"])
