@@ -30,11 +30,11 @@ STRATEGIES = {
     "ewc (avalanche)": ["continual=ewc"],
     "add+freeze": ["continual=add_freeze"],
     # the preset plus everything shared frozen (attention, embeddings, norms) and a router review on replay
-    "add+freeze, shared frozen": ["continual=add_freeze",
+    "add+freeze (shared frozen)": ["continual=add_freeze",
                                   "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
                                   "continual.review_steps=20"],
     # the same with the embeddings (and the tied output head) left trainable: new characters and words
-    "add+freeze, attention frozen": ["continual=add_freeze",
+    "add+freeze (attention frozen)": ["continual=add_freeze",
                                      "continual.freeze=[old_experts,old_router,attention,norms]",
                                      "continual.review_steps=20"],
     "add+freeze+merge": ["continual=add_freeze_merge"],
