@@ -13,7 +13,7 @@ from typing import List, Optional
 
 STRATEGIES = ("naive", "replay", "joint", "add_freeze", "add_freeze_merge", "ewc", "lwf", "avalanche_replay")
 INITS = ("random", "copy", "mean", "upcycle")
-ROUTER_INITS = ("copy", "mean", "zero", "random", "masked")
+ROUTER_INITS = ("copy", "mean", "zero", "random", "masked", "contrast")
 FREEZABLE = ("old_experts", "old_router", "attention", "embeddings", "norms", "dense_ffn", "shared_experts")
 MERGE_METHODS = ("frequency", "cluster", "task_arithmetic", "ties")
 
@@ -32,6 +32,8 @@ class ContinualConfig:
     copy_from: str = "top"  # top | all
     noise: float = 0.0  # relative Gaussian noise added to copied expert weights (breaks symmetry)
     router_init: str = "copy"  # new router rows: copy | mean | zero | random | masked (never routed: -inf logits)
+    # | contrast (copied, then moved towards the new domain's router inputs and away from the earlier ones')
+    router_margin: float = 1.0  # contrast: logit shift, in standard deviations of the old experts' logits
     # freezing (add_* strategies): what stays bitwise unchanged during a stage
     freeze: List[str] = field(default_factory=lambda: ["old_experts", "old_router"])
     # replay: the share of each batch drawn from earlier domains (uniformly over them)

@@ -66,19 +66,68 @@ def measure_usage(model: ModularLM, batches) -> dict[int, Tensor]:
     return usage
 
 
+@torch.no_grad()
+def measure_router_inputs(model: ModularLM, batches) -> dict[int, Tensor]:
+    """Mean router input [D] (float64) of every MoE layer over `batches` (inputs [B, T] tensors), eval mode."""
+    sums: dict[int, Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def hook_for(i: int):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            sums[i] = sums.get(i, 0) + x.sum(0)
+            counts[i] = counts.get(i, 0) + x.shape[0]
+
+        return hook
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    handles = [layer.mlp.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(model.layers)
+               if layer.is_moe]
+    try:
+        for inputs in batches:
+            model(inputs.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {i: sums[i] / counts[i] for i in sums}
+
+
+def contrast_direction(mean_new: Tensor, mean_old: Tensor) -> Tensor:
+    """w [D] in span(mean_new, mean_old) with w·mean_new = 1 and w·mean_old = −1 (zeros if they are parallel).
+
+    Added to a router row (times a margin), it raises that expert's logit for the average token of the new
+    domain and lowers it for the average token of the earlier ones by the same amount — without a bias.
+    """
+    n, o = mean_new.to(torch.float64), mean_old.to(torch.float64)
+    gram = torch.stack([torch.stack([n @ n, n @ o]), torch.stack([o @ n, o @ o])])
+    # Parallel means (one domain, or domains the layer cannot tell apart): no direction separates them.
+    if torch.linalg.det(gram) <= 1e-9 * float(n @ n) * float(o @ o):
+        return torch.zeros_like(n)
+    a, b = torch.linalg.solve(gram, torch.tensor([1.0, -1.0], dtype=torch.float64))
+    return a * n + b * o
+
+
 # -- add --------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def add_experts(layer: MoELayer, num_new: int, *, init: str = "copy", copy_from: str = "top",
                 router_init: str = "copy", usage: Tensor | None = None, noise: float = 0.0,
-                generator: torch.Generator | None = None) -> ExpertBank:
+                generator: torch.Generator | None = None, domain_means: tuple[Tensor, Tensor] | None = None,
+                margin: float = 1.0) -> ExpertBank:
     """Append a bank of `num_new` experts to `layer`; top_k (compute per token) is unchanged.
 
     init: random (fresh), copy (of the most-used experts by `usage`, or of all experts cyclically),
     mean (the average expert), upcycle (the usage-weighted average expert: the layer collapsed into one
     dense FFN, as export does, copied into every new expert). router_init: copy (the source experts'
-    rows), mean, zero, random, or masked (copied rows, logits held at −inf until `unmask_experts`).
+    rows), mean, zero, random, masked (copied rows, logits held at −inf until `unmask_experts`), or
+    contrast (copied rows moved along `contrast_direction` of `domain_means` = (mean router input on the
+    new domain, on the earlier ones): the average new-domain token's logit for the new expert rises by
+    `margin` standard deviations of the old experts' logits for it, the average earlier token's falls as
+    much, so the new experts start out preferred by the new domain and avoided by the old ones).
     """
     if num_new < 1:
         raise ConfigError(f"continual.add_experts={num_new} is not allowed; add at least 1 expert.")
@@ -109,7 +158,9 @@ def add_experts(layer: MoELayer, num_new: int, *, init: str = "copy", copy_from:
             if name not in names and name != "router_weight":
                 p.copy_(getattr(layer.banks[0], name))
     old_rows = layer.router_weight().detach()  # [E_old, D]
-    if router_init in ("copy", "masked"):
+    if router_init == "contrast" and domain_means is None:
+        raise ConfigError("router_init='contrast' needs the mean router inputs of the new and the earlier domains.")
+    if router_init in ("copy", "masked", "contrast"):
         if init == "copy":
             bank.router_weight.copy_(old_rows[torch.tensor(sources)])
         else:
@@ -121,8 +172,14 @@ def add_experts(layer: MoELayer, num_new: int, *, init: str = "copy", copy_from:
     elif router_init == "random":
         bank.router_weight.normal_(0.0, layer.init_std, generator=generator)
     else:
-        raise ConfigError(f"router_init='{router_init}' is unknown; allowed: copy, mean, zero, random, masked.")
-    if noise > 0 and router_init in ("copy", "mean", "masked"):
+        raise ConfigError(f"router_init='{router_init}' is unknown; allowed: copy, mean, zero, random, masked, "
+                          "contrast.")
+    if router_init == "contrast":
+        mean_new, mean_old = (m.to(old_rows.device, torch.float64) for m in domain_means)
+        scale = float((old_rows.to(torch.float64) @ mean_new).std()) if old_e > 1 else 1.0
+        shift = margin * scale * contrast_direction(mean_new, mean_old)
+        bank.router_weight.add_(shift.to(bank.router_weight.dtype))
+    if noise > 0 and router_init in ("copy", "mean", "masked", "contrast"):
         # Copied rows tie with their sources and top-k would always pick the old expert: jitter them so a
         # copy wins about half of its source's tokens and starts receiving gradient.
         bank.router_weight.add_(noise * old_rows.std() * torch.randn(bank.router_weight.shape, generator=generator,

@@ -118,6 +118,8 @@ def validate_continual(cfg, world_size: int = 1) -> None:
     for key in ("review_steps", "stage_warmup_steps", "eval_batches", "usage_batches"):
         if c[key] < 0 or (key in ("eval_batches", "usage_batches") and c[key] < 1):
             raise ConfigError(f"continual.{key}={c[key]} is not allowed; it must be a positive integer.")
+    if c.router_margin < 0:
+        raise ConfigError(f"continual.router_margin={c.router_margin} is not allowed; it must be >= 0.")
     if c.distill_weight < 0:
         raise ConfigError(f"continual.distill_weight={c.distill_weight} is not allowed; it must be >= 0.")
 
@@ -271,18 +273,27 @@ class ContinualRun:
         batches = [next(loader).inputs for _ in range(self.c.usage_batches)]
         return lifecycle.measure_usage(model, batches)
 
+    def _router_inputs_on(self, model, weights: dict[str, float]) -> dict[int, torch.Tensor]:
+        loader = self._loader(weights, seed_offset=10_000, sharded=False)  # every rank measures alike
+        return lifecycle.measure_router_inputs(model, [next(loader).inputs for _ in range(self.c.usage_batches)])
+
     # -- stages -----------------------------------------------------------------------------
     def grow(self, model, s: int) -> dict[int, int]:
         """Add a bank to every MoE layer for stage s; returns the number of old banks per layer."""
         domain = self.c.stream[s]
         old_banks = {i: len(layer.mlp.banks) for i, layer in enumerate(model.layers) if layer.is_moe}
         usage = self._usage_on(model, domain) if self.c.init in ("copy", "upcycle") else {}
+        means_new = means_old = {}
+        if self.c.router_init == "contrast":
+            means_new = self._router_inputs_on(model, {domain: 1.0})
+            means_old = self._router_inputs_on(model, {d: 1.0 for d in self.c.stream[:s]})
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + s)
         for i, layer in enumerate(model.layers):
             if layer.is_moe:
+                means = (means_new[i], means_old[i]) if i in means_new else None
                 lifecycle.add_experts(layer.mlp, self.c.add_experts, init=self.c.init, copy_from=self.c.copy_from,
                                       router_init=self.c.router_init, usage=usage.get(i), noise=self.c.noise,
-                                      generator=g)
+                                      generator=g, domain_means=means, margin=self.c.router_margin)
         return old_banks
 
     def merge(self, model, s: int) -> dict:

@@ -179,3 +179,35 @@ def train_steps_with(model, opt, ids):
     opt.step()
     opt.zero_grad()
     return opt
+
+
+def test_contrast_direction_separates_the_two_means_by_plus_and_minus_one():
+    g = torch.Generator().manual_seed(3)
+    mean_new, mean_old = torch.randn(16, generator=g, dtype=torch.float64), torch.randn(16, generator=g,
+                                                                                          dtype=torch.float64)
+    w = lifecycle.contrast_direction(mean_new, mean_old)
+    assert float(w @ mean_new) == pytest.approx(1.0, abs=1e-12)
+    assert float(w @ mean_old) == pytest.approx(-1.0, abs=1e-12)
+    assert torch.equal(lifecycle.contrast_direction(mean_new, 2 * mean_new), torch.zeros(16, dtype=torch.float64))
+
+
+def test_contrast_router_init_raises_the_new_domain_and_lowers_the_old_by_the_margin():
+    _cfg, model, ids = model_and_batch()
+    other = torch.randint(0, 64, (2, 24))  # a different "domain": another token distribution
+    means_new, means_old = lifecycle.measure_router_inputs(model, [ids]), lifecycle.measure_router_inputs(model, [other])
+    usage = lifecycle.measure_usage(model, [ids])
+    layer_index = next(i for i, layer in enumerate(model.layers) if layer.is_moe)
+    layer = model.layers[layer_index].mlp
+    old_rows = layer.router_weight().detach().to(torch.float64)
+    mean_new, mean_old = means_new[layer_index], means_old[layer_index]
+    bank = lifecycle.add_experts(layer, 2, init="copy", router_init="contrast", usage=usage[layer_index],
+                                 domain_means=(mean_new, mean_old), margin=0.5)
+    sources = layer.expert_parents[4:]
+    scale = float((old_rows @ mean_new).std())
+    new_rows, src_rows = bank.router_weight.detach().to(torch.float64), old_rows[sources]
+    torch.testing.assert_close(new_rows @ mean_new - src_rows @ mean_new, torch.full((2,), 0.5 * scale, dtype=torch.float64),
+                               rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(new_rows @ mean_old - src_rows @ mean_old, torch.full((2,), -0.5 * scale, dtype=torch.float64),
+                               rtol=0, atol=1e-5 * scale)
+    with pytest.raises(ConfigError, match="contrast"):
+        lifecycle.add_experts(layer, 1, router_init="contrast")

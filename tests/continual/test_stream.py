@@ -69,6 +69,8 @@ BAD = [
     (["continual.strategy=teleport"], "continual.strategy='teleport'"),
     (["continual.first_stage_steps=0"], "train.init_from"),
     (["continual.first_stage_steps=-1"], "first_stage_steps=-1"),
+    (["continual.router_margin=-1"], "router_margin=-1"),
+    (["continual.router_init=psychic"], "continual.router_init='psychic'"),
 ]
 
 
@@ -143,3 +145,23 @@ def test_frozen_router_rows_stay_bitwise_through_the_stage_and_its_router_review
         assert torch.equal(before[name], after[name]), name
     new_rows = [n for n in after if n.endswith("banks.1.router_weight")]
     assert new_rows and all(n not in before for n in new_rows)
+
+
+def test_contrast_router_init_gets_the_router_inputs_of_the_new_and_the_earlier_domains(tmp_path, monkeypatch):
+    from modular.continual import lifecycle
+
+    calls, real_add = [], lifecycle.add_experts
+
+    def spy(layer, num_new, **kwargs):
+        calls.append(kwargs)
+        return real_add(layer, num_new, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "add_experts", spy)
+    run = tmp_path / "run"
+    assert main(["continual", *SMALL, "continual=add_freeze", "continual.stream=[en,de]", "continual.router_init=contrast",
+                 "continual.router_margin=2.0", f"run.dir={run}"]) == 0
+    assert calls and all(c["router_init"] == "contrast" and c["margin"] == 2.0 for c in calls)
+    for c in calls:
+        mean_new, mean_old = c["domain_means"]
+        assert mean_new.shape == mean_old.shape and not torch.allclose(mean_new, mean_old)
+    assert len(report(run)["routing"][1]["de"]) == 2
