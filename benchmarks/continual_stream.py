@@ -38,7 +38,7 @@ STRATEGIES = {
                                      "continual.freeze=[old_experts,old_router,attention,norms]",
                                      "continual.review_steps=20"],
     # new router rows that start preferred by the new domain's tokens and avoided by the earlier ones'
-    "add+freeze (shared frozen, contrast)": ["continual=add_freeze",
+    "add+freeze (shared frozen + contrast)": ["continual=add_freeze",
                                              "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
                                              "continual.router_init=contrast", "continual.router_margin=4"],
     "add+freeze (contrast)": ["continual=add_freeze", "continual.router_init=contrast",
