@@ -32,7 +32,8 @@ class ContinualConfig:
     copy_from: str = "top"  # top | all
     noise: float = 0.0  # relative Gaussian noise added to copied expert weights (breaks symmetry)
     router_init: str = "copy"  # new router rows: copy | mean | zero | random | masked (never routed: -inf logits)
-    # | contrast (copied, then moved towards the new domain's router inputs and away from the earlier ones')
+    # | contrast (copied, then moved along the Fisher direction separating the new domain's router inputs
+    #   from the earlier domains': the new experts start preferred by the new domain, avoided by the old)
     router_margin: float = 1.0  # contrast: logit shift, in standard deviations of the old experts' logits
     # freezing (add_* strategies): what stays bitwise unchanged during a stage
     freeze: List[str] = field(default_factory=lambda: ["old_experts", "old_router"])

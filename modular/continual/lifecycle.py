@@ -66,16 +66,26 @@ def measure_usage(model: ModularLM, batches) -> dict[int, Tensor]:
     return usage
 
 
+@dataclass
+class RouterInputs:
+    """Statistics of the inputs of one MoE layer's router over some tokens (float64)."""
+
+    mean: Tensor  # [D]
+    cov: Tensor  # [D, D], covariance over the tokens
+
+
 @torch.no_grad()
-def measure_router_inputs(model: ModularLM, batches) -> dict[int, Tensor]:
-    """Mean router input [D] (float64) of every MoE layer over `batches` (inputs [B, T] tensors), eval mode."""
+def measure_router_inputs(model: ModularLM, batches) -> dict[int, RouterInputs]:
+    """Mean and covariance of the router inputs of every MoE layer over `batches` (inputs [B, T]), eval mode."""
     sums: dict[int, Tensor] = {}
+    squares: dict[int, Tensor] = {}
     counts: dict[int, int] = {}
 
     def hook_for(i: int):
         def hook(_module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
             sums[i] = sums.get(i, 0) + x.sum(0)
+            squares[i] = squares.get(i, 0) + x.T @ x
             counts[i] = counts.get(i, 0) + x.shape[0]
 
         return hook
@@ -92,22 +102,31 @@ def measure_router_inputs(model: ModularLM, batches) -> dict[int, Tensor]:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {i: sums[i] / counts[i] for i in sums}
+    stats = {}
+    for i, total in sums.items():
+        mean = total / counts[i]
+        stats[i] = RouterInputs(mean, squares[i] / counts[i] - torch.outer(mean, mean))
+    return stats
 
 
-def contrast_direction(mean_new: Tensor, mean_old: Tensor) -> Tensor:
-    """w [D] in span(mean_new, mean_old) with w·mean_new = 1 and w·mean_old = −1 (zeros if they are parallel).
+def contrast_direction(new: RouterInputs, old: RouterInputs, ridge: float = 0.1) -> Tensor:
+    """w [D] with w·mean_new = 1 and w·mean_old = −1 that best separates single tokens of the two (Fisher).
 
-    Added to a router row (times a margin), it raises that expert's logit for the average token of the new
-    domain and lowers it for the average token of the earlier ones by the same amount — without a bias.
+    w lies in span(P mean_new, P mean_old) with P the inverse of the pooled covariance (plus `ridge` times
+    its average variance on the diagonal, for directions the few measured tokens do not cover): the
+    discriminant direction, shifted and scaled so that the two means land at ±1 without a bias term
+    (routers have none). Zeros if the means cannot be told apart.
     """
-    n, o = mean_new.to(torch.float64), mean_old.to(torch.float64)
-    gram = torch.stack([torch.stack([n @ n, n @ o]), torch.stack([o @ n, o @ o])])
-    # Parallel means (one domain, or domains the layer cannot tell apart): no direction separates them.
-    if torch.linalg.det(gram) <= 1e-9 * float(n @ n) * float(o @ o):
+    n, o = new.mean.to(torch.float64), old.mean.to(torch.float64)
+    pooled = 0.5 * (new.cov + old.cov).to(torch.float64)
+    dim = pooled.shape[0]
+    pooled = pooled + ridge * (pooled.trace() / dim).clamp_min(1e-12) * torch.eye(dim, dtype=torch.float64)
+    pn, po = torch.linalg.solve(pooled, torch.stack([n, o], dim=1)).unbind(1)
+    gram = torch.stack([torch.stack([n @ pn, n @ po]), torch.stack([o @ pn, o @ po])])
+    if torch.linalg.det(gram) <= 1e-9 * float(gram[0, 0]) * float(gram[1, 1]):
         return torch.zeros_like(n)
     a, b = torch.linalg.solve(gram, torch.tensor([1.0, -1.0], dtype=torch.float64))
-    return a * n + b * o
+    return a * pn + b * po
 
 
 # -- add --------------------------------------------------------------------------------------
@@ -116,7 +135,8 @@ def contrast_direction(mean_new: Tensor, mean_old: Tensor) -> Tensor:
 @torch.no_grad()
 def add_experts(layer: MoELayer, num_new: int, *, init: str = "copy", copy_from: str = "top",
                 router_init: str = "copy", usage: Tensor | None = None, noise: float = 0.0,
-                generator: torch.Generator | None = None, domain_means: tuple[Tensor, Tensor] | None = None,
+                generator: torch.Generator | None = None,
+                domain_means: tuple[RouterInputs, RouterInputs] | None = None,
                 margin: float = 1.0) -> ExpertBank:
     """Append a bank of `num_new` experts to `layer`; top_k (compute per token) is unchanged.
 
@@ -124,8 +144,8 @@ def add_experts(layer: MoELayer, num_new: int, *, init: str = "copy", copy_from:
     mean (the average expert), upcycle (the usage-weighted average expert: the layer collapsed into one
     dense FFN, as export does, copied into every new expert). router_init: copy (the source experts'
     rows), mean, zero, random, masked (copied rows, logits held at −inf until `unmask_experts`), or
-    contrast (copied rows moved along `contrast_direction` of `domain_means` = (mean router input on the
-    new domain, on the earlier ones): the average new-domain token's logit for the new expert rises by
+    contrast (copied rows moved along `contrast_direction` of `domain_means` = (router inputs measured on
+    the new domain, on the earlier ones): the average new-domain token's logit for the new expert rises by
     `margin` standard deviations of the old experts' logits for it, the average earlier token's falls as
     much, so the new experts start out preferred by the new domain and avoided by the old ones).
     """
@@ -159,7 +179,7 @@ def add_experts(layer: MoELayer, num_new: int, *, init: str = "copy", copy_from:
                 p.copy_(getattr(layer.banks[0], name))
     old_rows = layer.router_weight().detach()  # [E_old, D]
     if router_init == "contrast" and domain_means is None:
-        raise ConfigError("router_init='contrast' needs the mean router inputs of the new and the earlier domains.")
+        raise ConfigError("router_init='contrast' needs the router inputs of the new and the earlier domains.")
     if router_init in ("copy", "masked", "contrast"):
         if init == "copy":
             bank.router_weight.copy_(old_rows[torch.tensor(sources)])
@@ -175,9 +195,10 @@ def add_experts(layer: MoELayer, num_new: int, *, init: str = "copy", copy_from:
         raise ConfigError(f"router_init='{router_init}' is unknown; allowed: copy, mean, zero, random, masked, "
                           "contrast.")
     if router_init == "contrast":
-        mean_new, mean_old = (m.to(old_rows.device, torch.float64) for m in domain_means)
+        new_inputs, old_inputs = domain_means
+        mean_new = new_inputs.mean.to(old_rows.device, torch.float64)
         scale = float((old_rows.to(torch.float64) @ mean_new).std()) if old_e > 1 else 1.0
-        shift = margin * scale * contrast_direction(mean_new, mean_old)
+        shift = margin * scale * contrast_direction(new_inputs, old_inputs).to(old_rows.device)
         bank.router_weight.add_(shift.to(bank.router_weight.dtype))
     if noise > 0 and router_init in ("copy", "mean", "masked", "contrast"):
         # Copied rows tie with their sources and top-k would always pick the old expert: jitter them so a

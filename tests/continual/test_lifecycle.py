@@ -181,33 +181,62 @@ def train_steps_with(model, opt, ids):
     return opt
 
 
-def test_contrast_direction_separates_the_two_means_by_plus_and_minus_one():
+def _inputs(generator, dim=16, tokens=200, shift=0.0):
+    x = torch.randn(tokens, dim, generator=generator, dtype=torch.float64) @ torch.randn(dim, dim, generator=generator,
+                                                                                        dtype=torch.float64)
+    x = x + shift
+    return x, lifecycle.RouterInputs(x.mean(0), torch.cov(x.T, correction=0))
+
+
+def test_contrast_direction_puts_the_means_at_plus_and_minus_one_and_separates_tokens_better_than_the_means():
     g = torch.Generator().manual_seed(3)
-    mean_new, mean_old = torch.randn(16, generator=g, dtype=torch.float64), torch.randn(16, generator=g,
-                                                                                          dtype=torch.float64)
-    w = lifecycle.contrast_direction(mean_new, mean_old)
-    assert float(w @ mean_new) == pytest.approx(1.0, abs=1e-12)
-    assert float(w @ mean_old) == pytest.approx(-1.0, abs=1e-12)
-    assert torch.equal(lifecycle.contrast_direction(mean_new, 2 * mean_new), torch.zeros(16, dtype=torch.float64))
+    shift = torch.randn(16, generator=g, dtype=torch.float64)
+    x_new, new = _inputs(g, shift=shift)
+    x_old, old = _inputs(g, shift=-shift)
+    for ridge in (0.0, 0.1):
+        w = lifecycle.contrast_direction(new, old, ridge=ridge)
+        assert float(w @ new.mean) == pytest.approx(1.0, abs=1e-9)
+        assert float(w @ old.mean) == pytest.approx(-1.0, abs=1e-9)
+    # Fisher's direction (ridge 0) against the covariance-blind one (a huge ridge: P ∝ I), both at ±1:
+    # the share of tokens on their own domain's side of zero.
+    def accuracy(w):
+        return 0.5 * (float((x_new @ w > 0).double().mean()) + float((x_old @ w < 0).double().mean()))
+
+    assert accuracy(lifecycle.contrast_direction(new, old, ridge=0.0)) > accuracy(
+        lifecycle.contrast_direction(new, old, ridge=1e6))
+    same = lifecycle.RouterInputs(new.mean, new.cov)
+    assert torch.equal(lifecycle.contrast_direction(new, same), torch.zeros(16, dtype=torch.float64))
 
 
 def test_contrast_router_init_raises_the_new_domain_and_lowers_the_old_by_the_margin():
     _cfg, model, ids = model_and_batch()
     other = torch.randint(0, 64, (2, 24))  # a different "domain": another token distribution
-    means_new, means_old = lifecycle.measure_router_inputs(model, [ids]), lifecycle.measure_router_inputs(model, [other])
+    inputs_new, inputs_old = lifecycle.measure_router_inputs(model, [ids]), lifecycle.measure_router_inputs(model, [other])
     usage = lifecycle.measure_usage(model, [ids])
     layer_index = next(i for i, layer in enumerate(model.layers) if layer.is_moe)
     layer = model.layers[layer_index].mlp
     old_rows = layer.router_weight().detach().to(torch.float64)
-    mean_new, mean_old = means_new[layer_index], means_old[layer_index]
+    new, old = inputs_new[layer_index], inputs_old[layer_index]
     bank = lifecycle.add_experts(layer, 2, init="copy", router_init="contrast", usage=usage[layer_index],
-                                 domain_means=(mean_new, mean_old), margin=0.5)
+                                 domain_means=(new, old), margin=0.5)
     sources = layer.expert_parents[4:]
-    scale = float((old_rows @ mean_new).std())
+    scale = float((old_rows @ new.mean).std())
     new_rows, src_rows = bank.router_weight.detach().to(torch.float64), old_rows[sources]
-    torch.testing.assert_close(new_rows @ mean_new - src_rows @ mean_new, torch.full((2,), 0.5 * scale, dtype=torch.float64),
-                               rtol=0, atol=1e-5 * scale)
-    torch.testing.assert_close(new_rows @ mean_old - src_rows @ mean_old, torch.full((2,), -0.5 * scale, dtype=torch.float64),
-                               rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(new_rows @ new.mean - src_rows @ new.mean,
+                               torch.full((2,), 0.5 * scale, dtype=torch.float64), rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(new_rows @ old.mean - src_rows @ old.mean,
+                               torch.full((2,), -0.5 * scale, dtype=torch.float64), rtol=0, atol=1e-5 * scale)
     with pytest.raises(ConfigError, match="contrast"):
         lifecycle.add_experts(layer, 1, router_init="contrast")
+
+
+def test_measured_router_inputs_are_the_mean_and_covariance_of_what_the_layer_sees():
+    _cfg, model, ids = model_and_batch()
+    layer_index = next(i for i, layer in enumerate(model.layers) if layer.is_moe)
+    seen = []
+    handle = model.layers[layer_index].mlp.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
+    stats = lifecycle.measure_router_inputs(model, [ids, ids[:, :10]])[layer_index]
+    handle.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen]).to(torch.float64)
+    torch.testing.assert_close(stats.mean, x.mean(0))
+    torch.testing.assert_close(stats.cov, torch.cov(x.T, correction=0))
