@@ -41,6 +41,13 @@ STRATEGIES = {
     "add+freeze (shared frozen + contrast)": ["continual=add_freeze",
                                              "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
                                              "continual.router_init=contrast", "continual.router_margin=4"],
+    "add+freeze (shared frozen + contrast + review)": [
+        "continual=add_freeze", "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
+        "continual.router_init=contrast", "continual.router_margin=4", "continual.review_steps=20"],
+    "add+freeze (shared frozen + contrast + review, 4 new)": [
+        "continual=add_freeze", "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
+        "continual.router_init=contrast", "continual.router_margin=4", "continual.review_steps=20",
+        "continual.add_experts=4"],
     "add+freeze (contrast)": ["continual=add_freeze", "continual.router_init=contrast",
                               "continual.router_margin=4"],
     "add+freeze+merge": ["continual=add_freeze_merge"],
