@@ -44,7 +44,7 @@ STRATEGIES = {
     "add+freeze (shared frozen + contrast + review)": [
         "continual=add_freeze", "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
         "continual.router_init=contrast", "continual.router_margin=4", "continual.review_steps=20"],
-    "add+freeze (shared frozen + contrast + review, 4 new)": [
+    "add+freeze (shared frozen + contrast + review + 4 new)": [
         "continual=add_freeze", "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
         "continual.router_init=contrast", "continual.router_margin=4", "continual.review_steps=20",
         "continual.add_experts=4"],
@@ -71,6 +71,10 @@ def main() -> None:
 
     common = ["data=corpora", "continual.stream=[en,de,code_py,fr]", f"continual.steps_per_stage={args.steps}",
               "train.progress=false", f"train.threads={args.threads}", *args.overrides]
+    wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in STRATEGIES]
+    if unknown:
+        raise SystemExit(f"--only names {unknown[0]!r}, which is not a row; rows: {', '.join(STRATEGIES)}.")
     if args.base_steps > 0:
         from modular.train.checkpoint import latest_checkpoint
 
@@ -82,7 +86,7 @@ def main() -> None:
                 raise SystemExit("the base run failed")
             print(f"base: {time.perf_counter() - start:.0f} s")
         common += ["continual.first_stage_steps=0", f"train.init_from={latest_checkpoint(base)}"]
-    chosen = [s for s in STRATEGIES if not args.only or s in args.only.split(",")]
+    chosen = [s for s in STRATEGIES if not wanted or s in wanted]
     rows = []
     for name in chosen:
         # a folder name without the characters hydra reads in an override value (',' lists, '()' calls)
