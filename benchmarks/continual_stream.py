@@ -44,9 +44,8 @@ STRATEGIES = {
     "add+freeze (shared frozen + contrast + review)": [
         "continual=add_freeze", "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
         "continual.router_init=contrast", "continual.router_margin=4", "continual.review_steps=20"],
-    "add+freeze (shared frozen + contrast 1 + review)": [
-        "continual=add_freeze", "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
-        "continual.router_init=contrast", "continual.router_margin=1", "continual.review_steps=20"],
+    # the preset configs/continual/add_freeze_trunk.yaml
+    "add+freeze (shared frozen + contrast 1 + review)": ["continual=add_freeze_trunk"],
     "add+freeze (shared frozen + contrast + review + 4 new)": [
         "continual=add_freeze", "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
         "continual.router_init=contrast", "continual.router_margin=4", "continual.review_steps=20",

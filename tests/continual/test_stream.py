@@ -111,7 +111,7 @@ def _stage_steps(run: Path) -> list[int]:
     return [st["steps"] for st in report(run)["stages"]]
 
 
-@pytest.mark.parametrize("strategy", ["add_freeze", "ewc", "avalanche_replay"])
+@pytest.mark.parametrize("strategy", ["add_freeze", "add_freeze_trunk", "ewc", "avalanche_replay"])
 def test_stream_starts_from_a_base_model_that_knows_the_first_domain(strategy, tmp_path):
     """first_stage_steps=0 with train.init_from: stage 0 only evaluates the initial model, which is the base."""
     base = tmp_path / "base"
@@ -125,6 +125,13 @@ def test_stream_starts_from_a_base_model_that_knows_the_first_domain(strategy, t
     r = report(run)
     assert _stage_steps(run) == [0, 4] and r["stages"][0]["tokens"] == 0 and r["flops"][0] == 0
     assert r["matrix"][0][0] == pytest.approx(report(base)["matrix"][0][0], rel=1e-6)  # stage 0 = the base, en
+    if strategy == "add_freeze_trunk":  # the shared trunk is bitwise the base's after the de stage
+        from safetensors.torch import load_file
+
+        stage0, stage1 = sorted((run / "checkpoints").iterdir())
+        before, after = load_file(stage0 / "model.safetensors"), load_file(stage1 / "model.safetensors")
+        trunk = [n for n in before if "self_attn" in n or "norm" in n or "embed" in n]
+        assert trunk and all(torch.equal(before[n], after[n]) for n in trunk)
 
 
 def test_frozen_router_rows_stay_bitwise_through_the_stage_and_its_router_review(tmp_path):
