@@ -516,20 +516,12 @@ def _world_size() -> int:
 
 
 def continual_command(overrides: list[str]) -> int:
-    from modular.parallel.mesh import init_parallel, shutdown
+    from modular.parallel.mesh import run_command
     from modular.train.run import compose_run
 
     cfg, all_overrides, folder = compose_run(overrides)
     validate_continual(cfg, world_size=_world_size())
-    # Under torchrun: the process group and the (dp, ep) mesh; None (and nothing set up) for one process.
-    parallel = init_parallel(cfg)
-    if parallel is None:
-        return _continual(cfg, all_overrides, folder, None)
-    try:  # rank 0's folder (its name may hold a timestamp) and overrides on every rank
-        all_overrides, folder = parallel.broadcast_object((all_overrides, folder))
-        return _continual(cfg, all_overrides, folder, parallel)
-    finally:
-        shutdown()
+    return run_command(cfg, all_overrides, folder, _continual)
 
 
 def _continual(cfg, all_overrides: list[str], folder: Path, parallel) -> int:

@@ -173,3 +173,19 @@ def shutdown() -> None:
     if _CURRENT is not None and dist.is_initialized():
         dist.destroy_process_group()
     _CURRENT = None
+
+
+def run_command(cfg, all_overrides: list[str], folder, body):
+    """body(cfg, all_overrides, folder, parallel) in one process (parallel None), or on every torchrun rank.
+
+    Under torchrun every rank gets rank 0's overrides and run folder (its name may hold a timestamp),
+    and the process group is left however body ends.
+    """
+    parallel = init_parallel(cfg)
+    if parallel is None:
+        return body(cfg, all_overrides, folder, None)
+    try:
+        all_overrides, folder = parallel.broadcast_object((all_overrides, folder))
+        return body(cfg, all_overrides, folder, parallel)
+    finally:
+        shutdown()

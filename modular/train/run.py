@@ -74,18 +74,10 @@ def _check_run_dir(folder: Path) -> None:
 
 
 def train_command(overrides: list[str]) -> int:
-    from modular.parallel.mesh import init_parallel, shutdown
+    from modular.parallel.mesh import run_command
 
     cfg, all_overrides, folder = compose_run(overrides)
-    # Under torchrun: the process group and the (dp, ep) mesh; None (and nothing set up) for one process.
-    parallel = init_parallel(cfg)
-    if parallel is None:
-        return _train(cfg, all_overrides, folder, None)
-    try:  # rank 0's folder (its name may hold a timestamp) and overrides on every rank
-        all_overrides, folder = parallel.broadcast_object((all_overrides, folder))
-        return _train(cfg, all_overrides, folder, parallel)
-    finally:
-        shutdown()
+    return run_command(cfg, all_overrides, folder, _train)
 
 
 def _train(cfg, all_overrides: list[str], folder: Path, parallel) -> int:
