@@ -1,5 +1,6 @@
 """The wheel carries what an installed `modular` needs at run time: config presets and the sample corpus."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -9,8 +10,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_an_installed_wheel_composes_configs_and_finds_the_sample_corpus(tmp_path):
-    wheels, target = tmp_path / "wheels", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+    wheels, target, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    # Built from a copy: setuptools writes build/ and *.egg-info next to the sources it builds.
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
                     "-w", str(wheels)], check=True, capture_output=True)
     wheel = next(wheels.glob("modular_moe-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
