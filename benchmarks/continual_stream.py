@@ -52,6 +52,10 @@ STRATEGIES = {
         "continual.add_experts=4"],
     "add+freeze (contrast)": ["continual=add_freeze", "continual.router_init=contrast",
                               "continual.router_margin=4"],
+    # the preset with distillation towards the model before each stage (KL on every token of the batch)
+    "add+freeze (distill 1)": ["continual=add_freeze", "continual.distill_weight=1.0"],
+    # growth on top of the strong baseline: does adding experts help replay 25%?
+    "add+freeze (replay 25%)": ["continual=add_freeze", "continual.replay=0.25"],
     "add+freeze+merge": ["continual=add_freeze_merge"],
     "joint": ["continual=joint"],
 }
