@@ -366,6 +366,31 @@ def test_gpu_benchmark_code_runs_on_a_tiny_shape():
     assert {"triton fwd", "triton dX", "triton dW", "concat banks + triton fwd", "triton fwd+bwd"} <= set(res)
 
 
+def test_gpu_benchmark_layer_mode_runs_on_a_tiny_shape():
+    # benchmarks/gmm_gpu.py --layer's code once with a stand-in clock: the three MoE implementations
+    # (fused, permute + triton, permute + torch._grouped_mm) are checked equal inside measure_layer.
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gmm_gpu
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+    def bench(fn):
+        fn()
+        return 1.0
+
+    # 8 tokens x top-2 over 4 experts; sizes multiples of 4 (torch._grouped_mm's 16-byte strides on CPU).
+    res = gmm_gpu.measure_layer(8, 4, 32, 16, 2, torch.float32, device=DEVICE, bench=bench)
+    assert set(res["ms"]) | set(res["skipped"]) == set(gmm_gpu.LAYER_VARIANTS)
+    assert {"ours fused", "permute + triton gmm", "dense SwiGLU (same FLOPs)"} <= set(res["ms"])
+    assert all(diff <= 1e-4 for diff in res["max_rel_diff"].values()), res["max_rel_diff"]
+    if hasattr(torch, "_grouped_mm"):
+        assert "permute + torch._grouped_mm" in res["max_rel_diff"], res["skipped"]
+    table = gmm_gpu.layer_table([("tiny", res)])
+    assert len(table) == 2 + len(gmm_gpu.LAYER_VARIANTS)
+    assert all(f"| {name} |" in "\n".join(table) for name in gmm_gpu.LAYER_VARIANTS)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter runs one config; needs a GPU")
 def test_autotuned_kernels_on_gpu():
     # With several configs the autotuner benchmarks each one on the real buffers; the row-dot
