@@ -390,14 +390,18 @@ class ContinualRun:
             results = self._evaluate(model)
             after = summarize(model, self.cfg.train.seq_len)
             self.state["global_step"] += steps + (self.c.review_steps if s > 0 else 0)
+            # A teacher (distillation, or LwF's previous model) runs one forward pass per training token.
+            teacher_flops = (float(params_before["flops_per_token"]) * tokens
+                             if s > 0 and (self.c.distill_weight > 0 or self.c.strategy == "lwf") else 0.0)
             record = {
                 "stage": s,
                 "domain": domain,
                 "steps": steps,
                 "tokens": tokens,
                 "review_tokens": review_tokens,
-                # training FLOPs at the parameters active during the stage (added experts, before a merge)
-                "flops": float(summary["train_flops_per_token"]) * (tokens + review_tokens),
+                # training FLOPs at the parameters active during the stage (added experts, before a merge),
+                # plus the teacher's forward passes
+                "flops": float(summary["train_flops_per_token"]) * (tokens + review_tokens) + teacher_flops,
                 "params_total": after["total_params"],
                 "params_active": after["active_params"],
                 "params_total_during_stage": summary["total_params"],

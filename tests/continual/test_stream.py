@@ -172,3 +172,21 @@ def test_contrast_router_init_gets_the_router_inputs_of_the_new_and_the_earlier_
         new, old = c["domain_means"]
         assert new.mean.shape == old.mean.shape and not torch.allclose(new.mean, old.mean)
     assert len(report(run)["routing"][1]["de"]) == 2
+
+
+def test_distillation_counts_the_teachers_forward_passes_in_the_stage_flops(tmp_path):
+    from modular.config import compose_config
+    from modular.models import build_model
+    from modular.models.summary import summarize
+
+    flops = {}
+    for weight in (0.0, 0.5):
+        run = tmp_path / f"distill{weight}"
+        assert main(["continual", *SMALL, "continual=add_freeze", "continual.stream=[en,de]",
+                     f"continual.distill_weight={weight}", f"run.dir={run}"]) == 0
+        flops[weight] = report(run)["flops"]
+        tokens = report(run)["stages"][1]["tokens"]
+    assert flops[0.0][0] == flops[0.5][0]  # stage 0 has no teacher
+    cfg = compose_config([*SMALL, "continual=add_freeze"])
+    teacher_per_token = summarize(build_model(cfg), cfg.train.seq_len)["flops_per_token"]  # the model before stage 1
+    assert flops[0.5][1] - flops[0.0][1] == pytest.approx(teacher_per_token * tokens, rel=1e-9)
