@@ -55,8 +55,8 @@ STRATEGIES = {
     # the preset with distillation towards the model before each stage (KL on every token of the batch)
     "add+freeze (distill 1)": ["continual=add_freeze", "continual.distill_weight=1.0"],
     "add+freeze (distill 3)": ["continual=add_freeze", "continual.distill_weight=3.0"],
-    "add+freeze (distill 1 + replay 25%)": ["continual=add_freeze", "continual.distill_weight=1.0",
-                                            "continual.replay=0.25"],
+    # the preset configs/continual/add_freeze_distill.yaml
+    "add+freeze (distill 1 + replay 25%)": ["continual=add_freeze_distill"],
     # growth on top of the strong baseline: does adding experts help replay 25%?
     "add+freeze (replay 25%)": ["continual=add_freeze", "continual.replay=0.25"],
     "add+freeze+merge": ["continual=add_freeze_merge"],

@@ -111,7 +111,7 @@ def _stage_steps(run: Path) -> list[int]:
     return [st["steps"] for st in report(run)["stages"]]
 
 
-@pytest.mark.parametrize("strategy", ["add_freeze", "add_freeze_trunk", "ewc", "avalanche_replay"])
+@pytest.mark.parametrize("strategy", ["add_freeze", "add_freeze_trunk", "add_freeze_distill", "ewc", "avalanche_replay"])
 def test_stream_starts_from_a_base_model_that_knows_the_first_domain(strategy, tmp_path):
     """first_stage_steps=0 with train.init_from: stage 0 only evaluates the initial model, which is the base."""
     base = tmp_path / "base"
