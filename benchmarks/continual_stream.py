@@ -28,6 +28,8 @@ STRATEGIES = {
     "replay 5%": ["continual=replay", "continual.replay=0.05"],
     "replay 25%": ["continual=replay", "continual.replay=0.25"],
     "ewc (avalanche)": ["continual=ewc"],
+    # the control for add_freeze_distill: the same replay and distillation, no growth
+    "replay 25% + distill 1": ["continual=replay", "continual.replay=0.25", "continual.distill_weight=1.0"],
     "add+freeze": ["continual=add_freeze"],
     # the preset plus everything shared frozen (attention, embeddings, norms) and a router review on replay
     "add+freeze (shared frozen)": ["continual=add_freeze",
