@@ -136,7 +136,7 @@ def contrast_direction(new: RouterInputs, old: RouterInputs, ridge: float = 0.1)
 def add_experts(layer: MoELayer, num_new: int, *, init: str = "copy", copy_from: str = "top",
                 router_init: str = "copy", usage: Tensor | None = None, noise: float = 0.0,
                 generator: torch.Generator | None = None,
-                domain_means: tuple[RouterInputs, RouterInputs] | None = None,
+                domain_inputs: tuple[RouterInputs, RouterInputs] | None = None,
                 margin: float = 1.0) -> ExpertBank:
     """Append a bank of `num_new` experts to `layer`; top_k (compute per token) is unchanged.
 
@@ -144,7 +144,7 @@ def add_experts(layer: MoELayer, num_new: int, *, init: str = "copy", copy_from:
     mean (the average expert), upcycle (the usage-weighted average expert: the layer collapsed into one
     dense FFN, as export does, copied into every new expert). router_init: copy (the source experts'
     rows), mean, zero, random, masked (copied rows, logits held at −inf until `unmask_experts`), or
-    contrast (copied rows moved along `contrast_direction` of `domain_means` = (router inputs measured on
+    contrast (copied rows moved along `contrast_direction` of `domain_inputs` = (router inputs measured on
     the new domain, on the earlier ones): the average new-domain token's logit for the new expert rises by
     `margin` standard deviations of the old experts' logits for it, the average earlier token's falls as
     much, so the new experts start out preferred by the new domain and avoided by the old ones).
@@ -178,7 +178,7 @@ def add_experts(layer: MoELayer, num_new: int, *, init: str = "copy", copy_from:
             if name not in names and name != "router_weight":
                 p.copy_(getattr(layer.banks[0], name))
     old_rows = layer.router_weight().detach()  # [E_old, D]
-    if router_init == "contrast" and domain_means is None:
+    if router_init == "contrast" and domain_inputs is None:
         raise ConfigError("router_init='contrast' needs the router inputs of the new and the earlier domains.")
     if router_init in ("copy", "masked", "contrast"):
         if init == "copy":
@@ -195,7 +195,7 @@ def add_experts(layer: MoELayer, num_new: int, *, init: str = "copy", copy_from:
         raise ConfigError(f"router_init='{router_init}' is unknown; allowed: copy, mean, zero, random, masked, "
                           "contrast.")
     if router_init == "contrast":
-        new_inputs, old_inputs = domain_means
+        new_inputs, old_inputs = domain_inputs
         mean_new = new_inputs.mean.to(old_rows.device, torch.float64)
         scale = float((old_rows.to(torch.float64) @ mean_new).std()) if old_e > 1 else 1.0
         shift = margin * scale * contrast_direction(new_inputs, old_inputs).to(old_rows.device)

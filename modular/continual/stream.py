@@ -283,17 +283,17 @@ class ContinualRun:
         domain = self.c.stream[s]
         old_banks = {i: len(layer.mlp.banks) for i, layer in enumerate(model.layers) if layer.is_moe}
         usage = self._usage_on(model, domain) if self.c.init in ("copy", "upcycle") else {}
-        means_new = means_old = {}
+        inputs_new = inputs_old = {}
         if self.c.router_init == "contrast":
-            means_new = self._router_inputs_on(model, {domain: 1.0})
-            means_old = self._router_inputs_on(model, {d: 1.0 for d in self.c.stream[:s]})
+            inputs_new = self._router_inputs_on(model, {domain: 1.0})
+            inputs_old = self._router_inputs_on(model, {d: 1.0 for d in self.c.stream[:s]})
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + s)
         for i, layer in enumerate(model.layers):
             if layer.is_moe:
-                means = (means_new[i], means_old[i]) if i in means_new else None
+                inputs = (inputs_new[i], inputs_old[i]) if i in inputs_new else None
                 lifecycle.add_experts(layer.mlp, self.c.add_experts, init=self.c.init, copy_from=self.c.copy_from,
                                       router_init=self.c.router_init, usage=usage.get(i), noise=self.c.noise,
-                                      generator=g, domain_means=means, margin=self.c.router_margin)
+                                      generator=g, domain_inputs=inputs, margin=self.c.router_margin)
         return old_banks
 
     def merge(self, model, s: int) -> dict:

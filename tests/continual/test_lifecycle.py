@@ -218,7 +218,7 @@ def test_contrast_router_init_raises_the_new_domain_and_lowers_the_old_by_the_ma
     old_rows = layer.router_weight().detach().to(torch.float64)
     new, old = inputs_new[layer_index], inputs_old[layer_index]
     bank = lifecycle.add_experts(layer, 2, init="copy", router_init="contrast", usage=usage[layer_index],
-                                 domain_means=(new, old), margin=0.5)
+                                 domain_inputs=(new, old), margin=0.5)
     sources = layer.expert_parents[4:]
     scale = float((old_rows @ new.mean).std())
     new_rows, src_rows = bank.router_weight.detach().to(torch.float64), old_rows[sources]

@@ -169,7 +169,7 @@ def test_contrast_router_init_gets_the_router_inputs_of_the_new_and_the_earlier_
                  "continual.router_margin=2.0", f"run.dir={run}"]) == 0
     assert calls and all(c["router_init"] == "contrast" and c["margin"] == 2.0 for c in calls)
     for c in calls:
-        new, old = c["domain_means"]
+        new, old = c["domain_inputs"]
         assert new.mean.shape == old.mean.shape and not torch.allclose(new.mean, old.mean)
     assert len(report(run)["routing"][1]["de"]) == 2
 
