@@ -23,6 +23,9 @@ import platform
 import time
 from pathlib import Path
 
+# old experts and router rows, and the shared trunk: attention, embeddings (and the tied head), norms
+TRUNK_FROZEN = "continual.freeze=[old_experts,old_router,attention,embeddings,norms]"
+
 STRATEGIES = {
     "naive": ["continual=naive"],
     "replay 5%": ["continual=replay", "continual.replay=0.05"],
@@ -33,7 +36,7 @@ STRATEGIES = {
     "add+freeze": ["continual=add_freeze"],
     # the preset plus everything shared frozen (attention, embeddings, norms) and a router review on replay
     "add+freeze (shared frozen)": ["continual=add_freeze",
-                                  "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
+                                  TRUNK_FROZEN,
                                   "continual.review_steps=20"],
     # the same with the embeddings (and the tied output head) left trainable: new characters and words
     "add+freeze (attention frozen)": ["continual=add_freeze",
@@ -41,15 +44,15 @@ STRATEGIES = {
                                      "continual.review_steps=20"],
     # new router rows that start preferred by the new domain's tokens and avoided by the earlier ones'
     "add+freeze (shared frozen + contrast)": ["continual=add_freeze",
-                                             "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
+                                             TRUNK_FROZEN,
                                              "continual.router_init=contrast", "continual.router_margin=4"],
     "add+freeze (shared frozen + contrast + review)": [
-        "continual=add_freeze", "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
+        "continual=add_freeze", TRUNK_FROZEN,
         "continual.router_init=contrast", "continual.router_margin=4", "continual.review_steps=20"],
     # the preset configs/continual/add_freeze_trunk.yaml
     "add+freeze (shared frozen + contrast 1 + review)": ["continual=add_freeze_trunk"],
     "add+freeze (shared frozen + contrast + review + 4 new)": [
-        "continual=add_freeze", "continual.freeze=[old_experts,old_router,attention,embeddings,norms]",
+        "continual=add_freeze", TRUNK_FROZEN,
         "continual.router_init=contrast", "continual.router_margin=4", "continual.review_steps=20",
         "continual.add_experts=4"],
     "add+freeze (contrast)": ["continual=add_freeze", "continual.router_init=contrast",

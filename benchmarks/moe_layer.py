@@ -134,6 +134,20 @@ def quiet_stderr():
             os.close(fd)
 
 
+def time_in_rounds(candidates: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of every call of every candidate: one warm-up call each (allocator, first-call overheads),
+    then `rounds` rounds that call each candidate once, so machine noise hits them all alike."""
+    for step in candidates.values():
+        step()
+    seconds = {n: [] for n in candidates}
+    for _ in range(rounds):
+        for n, step in candidates.items():
+            start = time.perf_counter()
+            step()
+            seconds[n].append(time.perf_counter() - start)
+    return seconds
+
+
 def peak_bytes(step) -> int:
     from torch.profiler import ProfilerActivity, profile
 
@@ -178,14 +192,7 @@ def run_shape(name: str, s: dict, rounds: int, per_round: bool = False) -> None:
         assert diff < 1e-4, f"{hf} differs from ours by {diff}"
     del y_ours  # timed steps start with no earlier output alive (holding one slowed ours 15-20% in some runs)
 
-    for step in candidates.values():  # warm-up: allocator, first-call overheads
-        step()
-    seconds = {n: [] for n in candidates}
-    for _ in range(rounds):
-        for n, step in candidates.items():
-            start = time.perf_counter()
-            step()
-            seconds[n].append(time.perf_counter() - start)
+    seconds = time_in_rounds(candidates, rounds)
     peaks = {n: peak_bytes(step) for n, step in candidates.items()}
     if per_round:
         for n, v in seconds.items():
@@ -243,14 +250,7 @@ def run_kernels(name: str, s: dict, rounds: int) -> None:
                   "per-expert loop, unsorted": step(lambda a, b: unsorted_loop(a, b, expert_A), w)}
     for impl in ("segments", "padded_bmm", "grouped_mm"):
         candidates[f"sorted, {impl}"] = step(lambda a, b, impl=impl: torch_grouped_mm(a, b, counts, impl), w)
-    for run in candidates.values():
-        run()
-    seconds = {n: [] for n in candidates}
-    for _ in range(rounds):
-        for n, run in candidates.items():
-            start = time.perf_counter()
-            run()
-            seconds[n].append(time.perf_counter() - start)
+    seconds = time_in_rounds(candidates, rounds)
     best = {n: min(v) for n, v in seconds.items()}
     flops = 3 * 2 * T * k * d * ffn
     print(f"\n#### {name}, one grouped matmul [T·k={T * k}, d={d}] × [E={E}, ffn={ffn}, d], forward + backward")

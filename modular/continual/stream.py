@@ -268,14 +268,16 @@ class ContinualRun:
                 shares[domain] = [round(float(x), 4) for x in torch.stack(padded).mean(0)]
         return shares
 
-    def _usage_on(self, model, domain: str) -> dict[int, torch.Tensor]:
-        loader = self._loader({domain: 1.0}, seed_offset=10_000, sharded=False)  # every rank measures alike
-        batches = [next(loader).inputs for _ in range(self.c.usage_batches)]
-        return lifecycle.measure_usage(model, batches)
+    def _measurement_batches(self, weights: dict[str, float]) -> list[torch.Tensor]:
+        """continual.usage_batches whole global batches of the mixture: every rank measures alike."""
+        loader = self._loader(weights, seed_offset=10_000, sharded=False)
+        return [next(loader).inputs for _ in range(self.c.usage_batches)]
 
-    def _router_inputs_on(self, model, weights: dict[str, float]) -> dict[int, torch.Tensor]:
-        loader = self._loader(weights, seed_offset=10_000, sharded=False)  # every rank measures alike
-        return lifecycle.measure_router_inputs(model, [next(loader).inputs for _ in range(self.c.usage_batches)])
+    def _usage_on(self, model, domain: str) -> dict[int, torch.Tensor]:
+        return lifecycle.measure_usage(model, self._measurement_batches({domain: 1.0}))
+
+    def _router_inputs_on(self, model, weights: dict[str, float]) -> dict[int, lifecycle.RouterInputs]:
+        return lifecycle.measure_router_inputs(model, self._measurement_batches(weights))
 
     # -- stages -----------------------------------------------------------------------------
     def grow(self, model, s: int) -> dict[int, int]:
@@ -531,19 +533,15 @@ def continual_command(overrides: list[str]) -> int:
 def _continual(cfg, all_overrides: list[str], folder: Path, parallel) -> int:
     from modular.config import to_dict
     from modular.continual.report import write_report
-    from modular.train.run import prepare_data
+    from modular.train.run import check_run_dir, prepare_data
 
     main = parallel is None or parallel.is_main
     print_ = print if main else (lambda *args: None)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"run.dir={folder} is a file, not a folder; choose another run.dir.")
+    check_run_dir(folder)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     stream = list(cfg.continual.stream)
-    if parallel is None:
-        tokenizer, _, val_sets = prepare_data(cfg, domains=stream)
-    else:  # rank 0 builds (or checks) the token-shard cache, then the others read it
-        tokenizer, _, val_sets = parallel.main_first(lambda: prepare_data(cfg, domains=stream, parallel=parallel))
+    tokenizer, _, val_sets = prepare_data(cfg, domains=stream, parallel=parallel)
     val_sets = {d: val_sets[d] for d in stream}
     folder.mkdir(parents=True, exist_ok=True)
     record = to_dict(cfg)

@@ -46,8 +46,15 @@ def prepare_data(cfg, domains: list[str] | None = None, parallel=None):
 
     With `parallel` (modular.parallel's ParallelContext) each rank's loader yields its own rows of one
     global batch of world_size · train.batch_size rows; every rank evaluates the same validation batches
-    of that global size, so evaluation reads as in one process.
+    of that global size, so evaluation reads as in one process. Rank 0 builds (or checks) the token-shard
+    cache first, then the other ranks read it.
     """
+    if parallel is None:
+        return _prepare_data(cfg, domains, None)
+    return parallel.main_first(lambda: _prepare_data(cfg, domains, parallel))
+
+
+def _prepare_data(cfg, domains: list[str] | None, parallel):
     from modular.data.loader import MixtureLoader, validation_sets
     from modular.data.tokenizer import load_tokenizer
 
@@ -68,7 +75,7 @@ def prepare_data(cfg, domains: list[str] | None = None, parallel=None):
     return tokenizer, loader, val_sets
 
 
-def _check_run_dir(folder: Path) -> None:
+def check_run_dir(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise UserError(f"run.dir={folder} is a file, not a folder; choose another run.dir.")
 
@@ -88,13 +95,10 @@ def _train(cfg, all_overrides: list[str], folder: Path, parallel) -> int:
 
     main = parallel is None or parallel.is_main  # one process prints and writes the run's files
     print_ = print if main else (lambda *args: None)
-    _check_run_dir(folder)
+    check_run_dir(folder)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    if parallel is None:
-        _tokenizer, loader, val_sets = prepare_data(cfg)
-    else:  # rank 0 builds (or checks) the token-shard cache, then the others read it
-        _tokenizer, loader, val_sets = parallel.main_first(lambda: prepare_data(cfg, parallel=parallel))
+    _tokenizer, loader, val_sets = prepare_data(cfg, parallel=parallel)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     if cfg.train.init_from and ckpt.latest_checkpoint(folder) is None:

@@ -11,6 +11,16 @@ from modular.config import compose_config
 transformers = pytest.importorskip("transformers")
 
 
+def save_seed_llama(folder):
+    """A tiny tied Llama saved with transformers: the dense seed that `modular upcycle` starts from."""
+    torch.manual_seed(0)
+    seed = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)).eval()
+    seed.save_pretrained(str(folder))
+    return seed
+
+
 def data_overrides(tmp_path):
     return ["data=sample_en", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", "train.batch_size=2",
             "train.seq_len=32", "train.eval_batches=2", "train.progress=false", "export.calibration_batches=2"]
@@ -53,11 +63,7 @@ def test_upcycle_command_then_ties_export_returns_to_the_seed(tmp_path):
     from modular.models import build_model
 
     source = tmp_path / "seed"
-    torch.manual_seed(0)
-    seed = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)).eval()
-    seed.save_pretrained(str(source))
+    seed = save_seed_llama(source)
     run = tmp_path / "run"
     assert upcycle_command([f"upcycle.source={source}", "upcycle.num_experts=4", "upcycle.top_k=2",
                             f"run.dir={run}", *data_overrides(tmp_path)]) == 0
@@ -98,11 +104,7 @@ def test_modular_train_continues_from_the_upcycled_model(tmp_path):
     from modular.train import checkpoint as ckpt
 
     source = tmp_path / "seed"
-    torch.manual_seed(0)
-    seed = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)).eval()
-    seed.save_pretrained(str(source))
+    seed = save_seed_llama(source)
     run = tmp_path / "run"
     assert upcycle_command([f"upcycle.source={source}", "upcycle.num_experts=4", f"run.dir={run}",
                             *data_overrides(tmp_path)]) == 0

@@ -349,38 +349,36 @@ def test_gpu_benchmark_exits_with_a_clear_message_without_cuda():
     assert "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_gpu_benchmark_code_runs_on_a_tiny_shape():
-    # Not a timing: runs every variant of benchmarks/gmm_gpu.py once with a stand-in clock, so that
-    # the script keeps working when the op signatures change.
+def _gmm_gpu_benchmark():
+    """benchmarks/gmm_gpu.py as a module (benchmarks/ is not a package)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import gmm_gpu
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
+    return gmm_gpu
 
-    def bench(fn):
-        fn()
-        return 1.0
 
-    res = gmm_gpu.measure(8, 2, 4, 32, 32, torch.float32, skew=1.0, n_banks=2, device=DEVICE, bench=bench)
+def _one_call(fn):
+    """A stand-in for triton.testing.do_bench: runs fn once, reports 1 ms."""
+    fn()
+    return 1.0
+
+
+def test_gpu_benchmark_code_runs_on_a_tiny_shape():
+    # Not a timing: runs every variant of benchmarks/gmm_gpu.py once with a stand-in clock, so that
+    # the script keeps working when the op signatures change.
+    gmm_gpu = _gmm_gpu_benchmark()
+    res = gmm_gpu.measure(8, 2, 4, 32, 32, torch.float32, skew=1.0, n_banks=2, device=DEVICE, bench=_one_call)
     assert {"triton fwd", "triton dX", "triton dW", "concat banks + triton fwd", "triton fwd+bwd"} <= set(res)
 
 
 def test_gpu_benchmark_layer_mode_runs_on_a_tiny_shape():
     # benchmarks/gmm_gpu.py --layer's code once with a stand-in clock: the three MoE implementations
     # (fused, permute + triton, permute + torch._grouped_mm) are checked equal inside measure_layer.
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import gmm_gpu
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-
-    def bench(fn):
-        fn()
-        return 1.0
-
+    gmm_gpu = _gmm_gpu_benchmark()
     # 8 tokens x top-2 over 4 experts; sizes multiples of 4 (torch._grouped_mm's 16-byte strides on CPU).
-    res = gmm_gpu.measure_layer(8, 4, 32, 16, 2, torch.float32, device=DEVICE, bench=bench)
+    res = gmm_gpu.measure_layer(8, 4, 32, 16, 2, torch.float32, device=DEVICE, bench=_one_call)
     assert set(res["ms"]) | set(res["skipped"]) == set(gmm_gpu.LAYER_VARIANTS)
     assert {"ours fused", "permute + triton gmm", "dense SwiGLU (same FLOPs)"} <= set(res["ms"])
     assert all(diff <= 1e-4 for diff in res["max_rel_diff"].values()), res["max_rel_diff"]
