@@ -385,13 +385,7 @@ def validate(cfg) -> None:
     )
     if e.shared_ffn_dim is not None:
         _positive_int(e.shared_ffn_dim, "experts.shared_ffn_dim")
-    if e.type == "lowrank":
-        _positive_int(e.rank, "experts.rank")
-        _require(
-            e.rank <= min(e.ffn_dim, m.d_model),
-            f"experts.rank={e.rank} is too large; a low-rank delta needs rank <= min(ffn_dim, d_model) = "
-            f"{min(e.ffn_dim, m.d_model)}.",
-        )
+    EXPERT_REGISTRY[e.type].validate_config(e, m.d_model)
     if e.num_experts_per_layer is not None:
         counts = list(e.num_experts_per_layer)
         _require(
@@ -425,11 +419,7 @@ def validate(cfg) -> None:
             r.capacity_factor > 0,
             f"routing.capacity_factor={r.capacity_factor} is not allowed; it must be > 0 (or null for dropless).",
         )
-    if r.type == "expert_choice":
-        _require(
-            r.capacity_factor is not None,
-            "routing.capacity_factor is null but the expert_choice router needs one; set e.g. routing.capacity_factor=1.0.",
-        )
+    ROUTER_REGISTRY[r.type].validate_config(r)
     _positive_int(r.sinkhorn_iters, "routing.sinkhorn_iters")
     _require(0 <= r.jitter < 1, f"routing.jitter={r.jitter} is not allowed; it must be in [0, 1).")
     for key in ("aux_loss_weight", "z_loss_weight", "bias_update_rate"):

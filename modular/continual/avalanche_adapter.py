@@ -4,17 +4,18 @@ Avalanche's strategies classify: a model maps x [N, ...] to logits [N, C] and a 
 with labels y [N]. A language model maps inputs [B, T] to logits [B, T, V]; the adapter flattens the
 B·T next-token predictions into rows, so each token is one "sample" and the vocabulary the class set.
 
-    stage s ─► prepare_stage: EWC penalty / LwF distillation as a Trainer loss hook, or a replay loader
+    stage s ─► the strategy's attach: EWC penalty / LwF distillation as a Trainer loss hook, or a replay loader
             ─► trainer.fit()
-            ─► finish_stage: EWC importances + snapshot / LwF teacher / replay buffer update, written to
+            ─► its after_training: EWC importances + snapshot / LwF teacher / replay buffer update, written to
                run_dir/avalanche/{ewc,lwf,replay}_stageNN.safetensors (atomic; safetensors only, never pickle)
+
+The strategies themselves are modular/continual/strategies/{ewc,lwf,avalanche_replay}.py.
 
 A resumed run reads what earlier stages wrote; nothing lives only in memory between stages.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.util
 from pathlib import Path
@@ -55,68 +56,58 @@ def validate_avalanche(cfg) -> None:
             raise ConfigError(f"continual.{key}={value} is not allowed with strategy {c.strategy}; it must be {allowed}.")
 
 
-# -- the stage loop's two calls -----------------------------------------------------------------
+# -- per-stage files and the replay strategy's stage steps ---------------------------------------
 
 
-def prepare_stage(run, model, stage: int, trainer) -> None:
-    """Before stage `stage` trains: add the EWC / LwF loss hook or wrap the loader with replay."""
-    validate_avalanche(run.cfg)
-    if stage == 0:
-        return  # nothing learned yet to protect or replay
-    c = run.c
-    if c.strategy == "ewc":
-        stages = [load_ewc_state(_path(run, "ewc", k), model, trainer.device) for k in range(stage)]
-        trainer.loss_hooks.append(ewc_hook(model, stages, c.ewc_lambda, trainer.device))
-    elif c.strategy == "lwf":
-        teacher = copy.deepcopy(model).eval()
-        _load_teacher(teacher, _path(run, "lwf", stage - 1))
-        trainer.loss_hooks.append(lwf_hook(teacher, c.lwf_alpha, c.lwf_temperature, stage))
-    elif c.strategy == "avalanche_replay":
-        buffer = load_replay_buffer(_path(run, "replay", stage - 1), c.avalanche_mem_size)
-        windows, domain_idx = buffer_windows(buffer)
-        if windows.shape[1] != run.cfg.train.seq_len + 1:
-            raise ConfigError(f"the replay buffer holds windows of {windows.shape[1] - 1} tokens but "
-                              f"train.seq_len={run.cfg.train.seq_len}; resume with the run's seq_len.")
-        loader = ReplayLoader(trainer.loader, windows, [c.stream[i] for i in domain_idx.tolist()],
-                              share=c.replay if c.replay > 0 else REPLAY_SHARE, seed=[run.cfg.seed, stage])
-        # Trainer.resume() gave the saved state to the inner loader already (the wrapper's state is a superset);
-        # loading it once more into the wrapper checks that the buffer is the one the stage started with.
-        from modular.train import checkpoint as ckpt
-
-        last = ckpt.latest_checkpoint(trainer.run_dir)
-        if last is not None:
-            loader.load_state_dict(ckpt.read_trainer_state(last)["loader"])
-        trainer.loader = loader
+def stage_file(run_dir, kind: str, stage: int) -> Path:
+    """Where a strategy keeps what stage `stage` leaves for the next ones (kind: ewc, lwf, replay)."""
+    return Path(run_dir) / "avalanche" / f"{kind}_stage{stage:02d}.safetensors"
 
 
-def finish_stage(run, model, stage: int, trainer) -> None:
-    """After stage `stage` trained: persist what the next stage needs (idempotent: a rerun rewrites the same)."""
-    c = run.c
-    meta = {"stage": str(stage), "domain": c.stream[stage]}
-    if c.strategy == "ewc":
-        windows = stage_windows(trainer.loader, FISHER_BATCHES)
-        importances, params = compute_ewc_state(model, windows, trainer.tcfg.batch_size, trainer.device,
-                                                trainer.optimizer, stage)
-        save_ewc_state(_path(run, "ewc", stage), importances, params, meta)
-    elif c.strategy == "lwf":
-        from modular.train.checkpoint import unique_state_dict
-
-        _save_tensors(_path(run, "lwf", stage), unique_state_dict(model), meta)
-        old = _path(run, "lwf", stage - 2)  # stage + 1 needs only this stage's model; a rerun of it the one before
-        if stage >= 2 and old.exists():
-            old.unlink()
-    elif c.strategy == "avalanche_replay":
-        buffer = (load_replay_buffer(_path(run, "replay", stage - 1), c.avalanche_mem_size) if stage > 0
-                  else new_replay_buffer(c.avalanche_mem_size))
-        inner = trainer.loader.loader if isinstance(trainer.loader, ReplayLoader) else trainer.loader
-        # A stage that trained no steps offers the windows it would have drawn, enough to fill the memory.
-        steps = inner.step or -(-c.avalanche_mem_size // inner.batch_size)
-        update_replay_buffer(buffer, StageWindows(inner, steps, stage), seed=run.cfg.seed * 1000 + stage)
-        save_replay_buffer(_path(run, "replay", stage), buffer, meta)
+def stage_meta(c, stage: int) -> dict:
+    return {"stage": str(stage), "domain": c.stream[stage]}
 
 
-def _path(run, kind: str, stage: int) -> Path:
-    return Path(run.run_dir) / "avalanche" / f"{kind}_stage{stage:02d}.safetensors"
+def save_lwf_teacher(run_dir, model, stage: int, meta: dict) -> None:
+    """The model after stage `stage`: the next stage's LwF teacher (the one before it is no longer needed)."""
+    from modular.train.checkpoint import unique_state_dict
+
+    _save_tensors(stage_file(run_dir, "lwf", stage), unique_state_dict(model), meta)
+    old = stage_file(run_dir, "lwf", stage - 2)  # stage + 1 needs only this stage's model; a rerun of it the one before
+    if stage >= 2 and old.exists():
+        old.unlink()
+
+
+def attach_replay_loader(run_dir, cfg, stage: int, trainer) -> None:
+    """Wrap the stage's loader so a share of every batch comes from the buffer saved after stage - 1."""
+    c = cfg.continual
+    buffer = load_replay_buffer(stage_file(run_dir, "replay", stage - 1), c.avalanche_mem_size)
+    windows, domain_idx = buffer_windows(buffer)
+    if windows.shape[1] != cfg.train.seq_len + 1:
+        raise ConfigError(f"the replay buffer holds windows of {windows.shape[1] - 1} tokens but "
+                          f"train.seq_len={cfg.train.seq_len}; resume with the run's seq_len.")
+    loader = ReplayLoader(trainer.loader, windows, [c.stream[i] for i in domain_idx.tolist()],
+                          share=c.replay if c.replay > 0 else REPLAY_SHARE, seed=[cfg.seed, stage])
+    # Trainer.resume() gave the saved state to the inner loader already (the wrapper's state is a superset);
+    # loading it once more into the wrapper checks that the buffer is the one the stage started with.
+    from modular.train import checkpoint as ckpt
+
+    last = ckpt.latest_checkpoint(trainer.run_dir)
+    if last is not None:
+        loader.load_state_dict(ckpt.read_trainer_state(last)["loader"])
+    trainer.loader = loader
+
+
+def update_stage_buffer(run_dir, cfg, stage: int, trainer) -> None:
+    """Add the windows stage `stage` trained on to the buffer and save it (idempotent: a rerun rewrites it)."""
+    c = cfg.continual
+    buffer = (load_replay_buffer(stage_file(run_dir, "replay", stage - 1), c.avalanche_mem_size) if stage > 0
+              else new_replay_buffer(c.avalanche_mem_size))
+    inner = trainer.loader.loader if isinstance(trainer.loader, ReplayLoader) else trainer.loader
+    # A stage that trained no steps offers the windows it would have drawn, enough to fill the memory.
+    steps = inner.step or -(-c.avalanche_mem_size // inner.batch_size)
+    update_replay_buffer(buffer, StageWindows(inner, steps, stage), seed=cfg.seed * 1000 + stage)
+    save_replay_buffer(stage_file(run_dir, "replay", stage), buffer, stage_meta(c, stage))
 
 
 # -- EWC ----------------------------------------------------------------------------------------
@@ -237,7 +228,7 @@ def lwf_hook(teacher, alpha: float, temperature: float, stage: int = 1):
     return hook
 
 
-def _load_teacher(teacher, path: Path) -> None:
+def load_teacher(teacher, path: Path) -> None:
     tensors = _load_tensors(path, "LwF teacher")
     from modular.train.checkpoint import unique_state_dict
 

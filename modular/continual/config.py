@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-STRATEGIES = ("naive", "replay", "joint", "add_freeze", "add_freeze_merge", "ewc", "lwf", "avalanche_replay")
 INITS = ("random", "copy", "mean", "upcycle")
 ROUTER_INITS = ("copy", "mean", "zero", "random", "masked", "contrast")
 FREEZABLE = ("old_experts", "old_router", "attention", "embeddings", "norms", "dense_ffn", "shared_experts")
@@ -25,7 +24,7 @@ class ContinualConfig:
     # steps of stage 0 when it differs (null: steps_per_stage), e.g. a longer base stage; 0 with
     # train.init_from: the initial model already knows the first domain, stage 0 only evaluates it
     first_stage_steps: Optional[int] = None
-    strategy: str = "add_freeze"  # one of STRATEGIES
+    strategy: str = "add_freeze"  # a name in modular.continual.strategies.STRATEGY_REGISTRY
     # growth (add_* strategies): new experts per MoE layer at every stage after the first
     add_experts: int = 2
     init: str = "copy"  # random | copy (of the most-used experts on the new domain, or all) | mean | upcycle

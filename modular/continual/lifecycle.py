@@ -43,9 +43,10 @@ def _expert_rows(layer: MoELayer, name: str) -> Tensor:
 
 
 def _check_same_type(layer: MoELayer, op: str) -> None:
-    kinds = {bank.registry_name for bank in layer.banks}
+    kinds = {type(bank) for bank in layer.banks}
     if len(kinds) > 1:
-        raise ConfigError(f"{op} needs banks of one expert type, but this layer mixes {sorted(kinds)}.")
+        names = sorted(kind.registry_name for kind in kinds)
+        raise ConfigError(f"{op} needs banks of one expert type, but this layer mixes {names}.")
 
 
 @torch.no_grad()
@@ -425,15 +426,11 @@ def remove_experts(layer: MoELayer, num_remove: int, usage: Tensor, keep_banks: 
 
 
 def _replace_banks(layer: MoELayer, banks: list[ExpertBank], origins: list[ExpertOrigin]) -> None:
-    layer.banks = torch.nn.ModuleList(banks)
-    layer.set_backend(layer.backend)
+    layer.set_banks(banks)
     keep = torch.tensor([o.survivor_of if o.survivor_of is not None else 0 for o in origins])
     layer.router.resize(layer.num_experts, keep=keep)
-    fresh = torch.tensor([o.survivor_of is None for o in origins])
     # merged experts start unmasked and with no selection bias of their own
-    for _name, buf in layer.router.named_buffers(recurse=False):
-        if buf.ndim == 1 and buf.numel() == layer.num_experts:
-            buf[fresh] = 0.0
+    layer.router.reset_experts(torch.tensor([o.survivor_of is None for o in origins]))
     layer.expert_parents = [o.parent for o in origins]
 
 

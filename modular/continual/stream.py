@@ -1,9 +1,11 @@
 """The stage loop of `modular continual`: one stage per domain of the stream, evaluated on every domain.
 
-Per stage: grow (add a bank per MoE layer, initialised from the new domain's routing), freeze, train
-with replay and a re-warmed WSD schedule (optionally distilling from the model before the stage),
-review the router, merge to a budget, then evaluate every domain (one row of R[stage][domain]) and
-save a checkpoint in the run folder. A stopped stream resumes at the stage and step where it stopped.
+Per stage: the strategy's hooks before the stage (e.g. grow a bank per MoE layer, freeze), training on
+its mixture with a re-warmed WSD schedule (with whatever it attaches: a distillation teacher, a
+regulariser), its hooks after (review the router, merge to a budget, persist), then evaluation of
+every domain (one row of R[stage][domain]) and a checkpoint in the run folder. The loop knows no
+strategy by name (modular/continual/strategies/). A stopped stream resumes at the stage and step where
+it stopped.
 
 Under torchrun (expert and data parallelism, modular.parallel) every rank trains its slice of each
 global batch and evaluates the same validation batches; the lifecycle operations written for one
@@ -22,22 +24,20 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from modular.atomic import atomic_write_json, atomic_write_text
 from modular.continual import lifecycle
-from modular.continual.config import FREEZABLE, INITS, MERGE_METHODS, ROUTER_INITS, STRATEGIES
+from modular.continual.config import FREEZABLE, INITS, MERGE_METHODS, ROUTER_INITS
+from modular.continual.strategies.base import strategy_class
 from modular.errors import ConfigError
 from modular.parallel import checkpoint as parallel_ckpt
 from modular.train import checkpoint as ckpt
 
-GROWING = ("add_freeze", "add_freeze_merge")
-AVALANCHE = ("ewc", "lwf", "avalanche_replay")
-
 
 def validate_continual(cfg, world_size: int = 1) -> None:
-    """Checks that need the data config too; one sentence each, before anything is written.
+    """Checks of the continual group; one sentence each, before anything is written. The strategy checks
+    its own keys (and its pieces': growth, merging, distillation…).
 
     `world_size` is the number of processes torchrun started (1 without torchrun).
     """
@@ -51,7 +51,8 @@ def validate_continual(cfg, world_size: int = 1) -> None:
                               f"({', '.join(domains)}).")
     if len(set(c.stream)) != len(c.stream):
         raise ConfigError(f"continual.stream={list(c.stream)} lists a domain twice; each stage brings a new domain.")
-    checks = [("strategy", c.strategy, STRATEGIES), ("init", c.init, INITS), ("router_init", c.router_init, ROUTER_INITS),
+    strategy = strategy_class(c.strategy)
+    checks = [("init", c.init, INITS), ("router_init", c.router_init, ROUTER_INITS),
               ("merge_method", c.merge_method, MERGE_METHODS), ("copy_from", c.copy_from, ("top", "all"))]
     for key, value, allowed in checks:
         if value not in allowed:
@@ -73,79 +74,17 @@ def validate_continual(cfg, world_size: int = 1) -> None:
         raise ConfigError(f"continual.replay={c.replay} is not allowed; it must be in [0, 1).")
     if c.replay > 0 and len(c.stream) < 2:
         raise ConfigError(f"continual.replay={c.replay} needs an earlier stage to replay, but the stream has one domain.")
-    if c.strategy in GROWING:
-        if c.add_experts < 1:
-            raise ConfigError(f"continual.add_experts={c.add_experts} is not allowed with strategy {c.strategy}; "
-                              "add at least 1 expert per stage.")
-        from modular.config import experts_per_moe_layer
-
-        if not experts_per_moe_layer(cfg):
-            raise ConfigError(f"continual.strategy={c.strategy} grows experts, but the model has no MoE layer; "
-                              "use a model with moe_layers, or strategy=naive.")
-    ep = int(cfg.parallel.ep)
-    if c.strategy in GROWING and c.add_experts % ep:
-        raise ConfigError(f"continual.add_experts={c.add_experts} cannot be split evenly over parallel.ep={ep} "
-                          f"ranks; add a multiple of {ep} experts per stage.")
-    if c.strategy == "add_freeze_merge":
-        if c.merge_budget is None:
-            raise ConfigError("continual.merge_budget is null but strategy add_freeze_merge needs one; "
-                              "set e.g. continual.merge_budget=12.")
-        from modular.config import experts_per_moe_layer
-
-        base = max(experts_per_moe_layer(cfg))
-        if c.merge_budget < base + 1:
-            raise ConfigError(
-                f"continual.merge_budget={c.merge_budget} is below the {base} frozen original experts it must keep "
-                f"plus one merged expert; use a budget of at least {base + 1}."
-            )
-        if (c.merge_budget - base) % ep:  # the merged experts form one bank, split over the EP ranks
-            raise ConfigError(
-                f"continual.merge_budget={c.merge_budget} would leave a merged bank of {c.merge_budget - base} "
-                f"experts beside the {base} original ones, which cannot be split evenly over parallel.ep={ep} ranks; "
-                f"use {base} plus a multiple of {ep} (e.g. {base + ep})."
-            )
-        if ep > 1 and c.merge_method in ("task_arithmetic", "ties"):  # one merged expert per parent: any count
-            raise ConfigError(
-                f"continual.merge_method={c.merge_method} merges experts by parent, so its merged bank may not split "
-                f"evenly over parallel.ep={ep} ranks; use merge_method=frequency or cluster under expert parallelism."
-            )
-    if world_size > 1:
-        validate_under_torchrun(cfg, world_size)
-    if c.strategy in AVALANCHE:
-        from modular.continual.avalanche_adapter import validate_avalanche
-
-        validate_avalanche(cfg)
+    strategy.validate(cfg, world_size)
     for key in ("review_steps", "stage_warmup_steps", "eval_batches", "usage_batches"):
         if c[key] < 0 or (key in ("eval_batches", "usage_batches") and c[key] < 1):
             raise ConfigError(f"continual.{key}={c[key]} is not allowed; it must be a positive integer.")
     if c.router_margin < 0:
         raise ConfigError(f"continual.router_margin={c.router_margin} is not allowed; it must be >= 0.")
-    if c.distill_weight < 0:
-        raise ConfigError(f"continual.distill_weight={c.distill_weight} is not allowed; it must be >= 0.")
 
 
 def stage_steps(c, s: int) -> int:
     """Optimizer steps of stage s: first_stage_steps for stage 0 when set, else steps_per_stage."""
     return c.first_stage_steps if s == 0 and c.first_stage_steps is not None else c.steps_per_stage
-
-
-def validate_under_torchrun(cfg, world_size: int) -> None:
-    """What does not run on several processes is refused, not run differently from one process."""
-    from modular.parallel.expert_parallel import BATCH_GLOBAL_ROUTERS
-
-    c, r = cfg.continual, cfg.routing
-    if c.strategy in AVALANCHE:  # their hooks, importances and buffers are written for one process
-        allowed = ", ".join(s for s in STRATEGIES if s not in AVALANCHE)
-        raise ConfigError(f"continual.strategy={c.strategy} runs in one process only, but torchrun started "
-                          f"WORLD_SIZE={world_size}; under torchrun use one of: {allowed}.")
-    if c.distill_weight > 0 and (r.type in BATCH_GLOBAL_ROUTERS or r.capacity_factor is not None):
-        # The teacher evaluates each rank's slice alone, so a router that chooses over the whole batch
-        # would pick other experts for it than in one process.
-        raise ConfigError(
-            f"continual.distill_weight={c.distill_weight} under torchrun (WORLD_SIZE={world_size}) needs a router "
-            f"that picks experts token by token, but routing.type={r.type} with capacity_factor={r.capacity_factor} "
-            "chooses over the whole batch; set continual.distill_weight=0 or use a top-k router without capacity."
-        )
 
 
 def stage_config(cfg, steps: int, lr: float | None = None):
@@ -163,23 +102,30 @@ def stage_config(cfg, steps: int, lr: float | None = None):
     return stage
 
 
-def distillation_hook(teacher, weight: float, temperature: float):
-    """KL(teacher ‖ student) on temperature-softened next-token distributions, scaled by T² (Hinton et al.)."""
+SCHEDULE_KEYS = ("max_steps", "schedule", "warmup_steps", "decay_fraction", "lr", "eval_every", "checkpoint_every")
 
-    def hook(batch, out):
-        with torch.no_grad():
-            teacher_logits = teacher(batch.inputs).logits.float()
-        t = temperature
-        log_p_student = F.log_softmax(out.logits.float() / t, dim=-1)
-        p_teacher = F.softmax(teacher_logits / t, dim=-1)
-        kl = F.kl_div(log_p_student, p_teacher, reduction="batchmean") / batch.inputs.shape[1]
-        return weight * t * t * kl
 
-    return hook
+def stage_schedules(cfg) -> list[dict]:
+    """What each stage's trainer runs with (train.* as the stage loop sets it): recorded in config.json."""
+    c = cfg.continual
+    out = []
+    for s, domain in enumerate(c.stream):
+        entry = {"stage": s, "domain": domain,
+                 "train": {k: stage_config(cfg, stage_steps(c, s)).train[k] for k in SCHEDULE_KEYS}}
+        if c.review_steps > 0 and s > 0:
+            review = stage_config(cfg, c.review_steps, lr=c.review_lr or cfg.train.lr)
+            entry["router_review"] = {k: review.train[k] for k in SCHEDULE_KEYS}
+        out.append(entry)
+    return out
 
 
 class ContinualRun:
-    """The stream of one run folder. `parallel`: modular.parallel's ParallelContext under torchrun, else None."""
+    """The stream of one run folder. `parallel`: modular.parallel's ParallelContext under torchrun, else None.
+
+    The loop knows stages, not strategies: what a strategy does before, during and after a stage are its
+    hooks (modular/continual/strategies/), which call back the services below (loaders, trainers, usage
+    measurements, experts made whole under expert parallelism).
+    """
 
     def __init__(self, cfg, run_dir: Path, tokenizer, val_sets: dict, config_record: dict, parallel=None):
         self.cfg = cfg
@@ -190,22 +136,21 @@ class ContinualRun:
         self.config_record = config_record
         self.parallel = parallel
         self.main = parallel is None or parallel.is_main  # one process writes the run folder and prints
+        self.strategy = strategy_class(self.c.strategy)(cfg)
         self.state_path = self.run_dir / "continual_state.json"
         state = {"stages": [], "initial": None, "global_step": 0}
         if self.main and self.state_path.exists():
             state = json.loads(self.state_path.read_text())
         self.state = state if parallel is None else parallel.broadcast_object(state)
 
-    # -- helpers ----------------------------------------------------------------------------
-    def _save_state(self) -> None:
-        if self.main:
-            atomic_write_json(self.state_path, self.state)
+    # -- services for strategies ------------------------------------------------------------
+    def stage_dir(self, s: int) -> Path:
+        return self.run_dir / "stages" / f"{s:02d}-{self.c.stream[s]}"
 
-    def _print(self, text: str) -> None:
-        if self.main:
-            print(text)
+    def stage_schedule(self, steps: int, lr: float | None = None):
+        return stage_config(self.cfg, steps, lr)
 
-    def _loader(self, weights: dict[str, float], seed_offset: int, sharded: bool = True):
+    def loader(self, weights: dict[str, float], seed_offset: int, sharded: bool = True):
         """The mixture's batches: under torchrun each rank's rows of one global batch, or (sharded=False)
         the whole global batch on every rank, for passes that every rank must see alike."""
         from modular.data.loader import MixtureLoader
@@ -220,7 +165,7 @@ class ContinualRun:
                                          seed=self.cfg.seed + seed_offset, progress=t.progress, tokenizer=self.tokenizer,
                                          **shard)
 
-    def _full_experts(self, model):
+    def full_experts(self, model):
         """Every expert whole on every rank for the block (one-process lifecycle code), split again after."""
         if self.parallel is None:
             return contextlib.nullcontext(model)
@@ -228,16 +173,33 @@ class ContinualRun:
 
         return full_experts(model, self.parallel)
 
-    def _weights_for_stage(self, s: int) -> dict[str, float]:
-        stream = list(self.c.stream)
-        domain = stream[s]
-        if self.c.strategy == "joint":
-            return {d: 1.0 for d in stream}
-        replay = self.c.replay if self.c.strategy in ("replay", *GROWING) else 0.0
-        if s == 0 or replay <= 0:
-            return {domain: 1.0}
-        earlier = stream[:s]
-        return {domain: 1.0 - replay, **{d: replay / len(earlier) for d in earlier}}
+    def trainer(self, stage_cfg, stage_dir: Path, model, loader, log_prefix: dict):
+        from modular.config import to_dict
+        from modular.train.trainer import Trainer
+
+        # each stage's checkpoints record the train config the stage ran with
+        return Trainer(stage_cfg, stage_dir, model, loader, {}, config_record=to_dict(stage_cfg),
+                       log_prefix=log_prefix, parallel=self.parallel)
+
+    def measurement_batches(self, weights: dict[str, float]) -> list[torch.Tensor]:
+        """continual.usage_batches whole global batches of the mixture: every rank measures alike."""
+        loader = self.loader(weights, seed_offset=10_000, sharded=False)
+        return [next(loader).inputs for _ in range(self.c.usage_batches)]
+
+    def usage_on(self, model, domain: str) -> dict[int, torch.Tensor]:
+        return lifecycle.measure_usage(model, self.measurement_batches({domain: 1.0}))
+
+    def router_inputs_on(self, model, weights: dict[str, float]) -> dict[int, lifecycle.RouterInputs]:
+        return lifecycle.measure_router_inputs(model, self.measurement_batches(weights))
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _save_state(self) -> None:
+        if self.main:
+            atomic_write_json(self.state_path, self.state)
+
+    def _print(self, text: str) -> None:
+        if self.main:
+            print(text)
 
     def _evaluate(self, model) -> dict:
         from modular.train.evaluate import evaluate
@@ -268,58 +230,12 @@ class ContinualRun:
                 shares[domain] = [round(float(x), 4) for x in torch.stack(padded).mean(0)]
         return shares
 
-    def _measurement_batches(self, weights: dict[str, float]) -> list[torch.Tensor]:
-        """continual.usage_batches whole global batches of the mixture: every rank measures alike."""
-        loader = self._loader(weights, seed_offset=10_000, sharded=False)
-        return [next(loader).inputs for _ in range(self.c.usage_batches)]
+    def apply_freeze(self, model, s: int, old_banks: dict[int, int] | None) -> None:
+        """Everything trainable, then what the strategy freezes for stage s (also on resume)."""
+        lifecycle.unfreeze_all(model)
+        self.strategy.freeze(self, model, s, old_banks)
 
-    def _usage_on(self, model, domain: str) -> dict[int, torch.Tensor]:
-        return lifecycle.measure_usage(model, self._measurement_batches({domain: 1.0}))
-
-    def _router_inputs_on(self, model, weights: dict[str, float]) -> dict[int, lifecycle.RouterInputs]:
-        return lifecycle.measure_router_inputs(model, self._measurement_batches(weights))
-
-    # -- stages -----------------------------------------------------------------------------
-    def grow(self, model, s: int) -> dict[int, int]:
-        """Add a bank to every MoE layer for stage s; returns the number of old banks per layer."""
-        domain = self.c.stream[s]
-        old_banks = {i: len(layer.mlp.banks) for i, layer in enumerate(model.layers) if layer.is_moe}
-        usage = self._usage_on(model, domain) if self.c.init in ("copy", "upcycle") else {}
-        inputs_new = inputs_old = {}
-        if self.c.router_init == "contrast":
-            inputs_new = self._router_inputs_on(model, {domain: 1.0})
-            inputs_old = self._router_inputs_on(model, {d: 1.0 for d in self.c.stream[:s]})
-        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + s)
-        for i, layer in enumerate(model.layers):
-            if layer.is_moe:
-                inputs = (inputs_new[i], inputs_old[i]) if i in inputs_new else None
-                lifecycle.add_experts(layer.mlp, self.c.add_experts, init=self.c.init, copy_from=self.c.copy_from,
-                                      router_init=self.c.router_init, usage=usage.get(i), noise=self.c.noise,
-                                      generator=g, domain_inputs=inputs, margin=self.c.router_margin)
-        return old_banks
-
-    def merge(self, model, s: int) -> dict:
-        """Merge every MoE layer to the budget; returns row sources for the optimizer (see carry_optimizer_state).
-
-        Written for one process: under torchrun it runs inside `_full_experts` (see `_merge_and_carry`).
-        """
-        usage = self._usage_on(model, self.c.stream[s])
-        row_sources = {}
-        for i, layer in enumerate(model.layers):
-            if not layer.is_moe or layer.mlp.num_experts <= self.c.merge_budget:
-                continue
-            moe = layer.mlp
-            names = list(moe.banks[0].expert_param_names) + ["router_weight"]
-            # global expert index -> (old parameter, row) for every stacked parameter, before the merge
-            where = {name: [(getattr(b, name), r) for b in moe.banks for r in range(b.num_experts)] for name in names}
-            origins = lifecycle.merge_layer(moe, self.c.merge_budget, method=self.c.merge_method, usage=usage[i],
-                                            density=self.c.merge_density)
-            kept = moe.banks[0].num_experts
-            for name in names:
-                sources = [where[name][o.survivor_of] if o.survivor_of is not None else None for o in origins[kept:]]
-                row_sources[id(getattr(moe.banks[1], name))] = sources
-        return row_sources
-
+    # -- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
         from modular.models import build_model
         from modular.models.summary import summarize
@@ -344,57 +260,36 @@ class ContinualRun:
             optimizer = self._resume(model, done)
             self._print(f"resuming the stream after stage {done - 1} ({stream[done - 1]})")
 
+        strategy = self.strategy
         for s in range(done, len(stream)):
             domain = stream[s]
             steps = stage_steps(self.c, s)
             t0 = time.perf_counter()
-            stage_dir = self.run_dir / "stages" / f"{s:02d}-{domain}"
-            teacher = None
-            if self.c.distill_weight > 0 and s > 0:
-                teacher = copy.deepcopy(model).eval()  # sharded like the model; shares its process groups
-                for p in teacher.parameters():
-                    p.requires_grad_(False)
-            old_banks = None
+            strategy.before_stage(self, model, s)
             params_before = summarize(model, self.cfg.train.seq_len)
-            if s > 0 and self.c.strategy in GROWING:
-                with self._full_experts(model):
-                    old_banks = self.grow(model, s)
-            self._apply_freeze(model, s, old_banks)
+            old_banks = strategy.grow(self, model, s)
+            self.apply_freeze(model, s, old_banks)
             lifecycle.unmask_experts(model)
             summary = summarize(model, self.cfg.train.seq_len)
 
-            trainer = self._trainer(stage_config(self.cfg, steps), stage_dir, model,
-                                    self._loader(self._weights_for_stage(s), seed_offset=s), {"stage": s, "domain": domain})
-            if teacher is not None:
-                teacher.to(trainer.device)
-                trainer.loss_hooks.append(distillation_hook(teacher, self.c.distill_weight, self.c.distill_temperature))
+            trainer = self.trainer(self.stage_schedule(steps), self.stage_dir(s), model,
+                                   self.loader(strategy.mixture(s), seed_offset=s), {"stage": s, "domain": domain})
             if not trainer.resume() and optimizer is not None:
                 lifecycle.carry_optimizer_state(optimizer, trainer.optimizer)
-            if self.c.strategy in AVALANCHE:
-                from modular.continual.avalanche_adapter import prepare_stage
-
-                prepare_stage(self, model, s, trainer)
+            strategy.attach(self, model, s, trainer)
             trainer.fit(progress_desc=f"stage {s} {domain}")
             if trainer.stopped_by_signal is not None:
                 self._save_state()
                 return {"stopped_by_signal": trainer.stopped_by_signal}
             optimizer = trainer.optimizer
             tokens = trainer.tokens
-            if self.c.strategy in AVALANCHE:
-                from modular.continual.avalanche_adapter import finish_stage
-
-                finish_stage(self, model, s, trainer)
-            review_tokens = 0
-            if self.c.review_steps > 0 and s > 0:
-                review_tokens = self._review(model, s, stage_dir)
-            if self.c.strategy == "add_freeze_merge":
-                optimizer = self._merge_and_carry(model, s, old_banks, optimizer)
+            strategy.after_training(self, model, s, trainer)
+            optimizer = strategy.after_stage(self, model, s, optimizer, old_banks)
+            review_tokens = strategy.extra_tokens()
             results = self._evaluate(model)
             after = summarize(model, self.cfg.train.seq_len)
-            self.state["global_step"] += steps + (self.c.review_steps if s > 0 else 0)
-            # A teacher (distillation, or LwF's previous model) runs one forward pass per training token.
-            teacher_flops = (float(params_before["flops_per_token"]) * tokens
-                             if s > 0 and (self.c.distill_weight > 0 or self.c.strategy == "lwf") else 0.0)
+            self.state["global_step"] += steps + strategy.extra_steps(s)
+            old_banks = strategy.old_banks_after(model, old_banks)
             record = {
                 "stage": s,
                 "domain": domain,
@@ -402,8 +297,9 @@ class ContinualRun:
                 "tokens": tokens,
                 "review_tokens": review_tokens,
                 # training FLOPs at the parameters active during the stage (added experts, before a merge),
-                # plus the teacher's forward passes
-                "flops": float(summary["train_flops_per_token"]) * (tokens + review_tokens) + teacher_flops,
+                # plus what the strategy spends besides (a teacher's forward passes)
+                "flops": (float(summary["train_flops_per_token"]) * (tokens + review_tokens)
+                          + strategy.extra_flops(s, tokens, params_before)),
                 "params_total": after["total_params"],
                 "params_active": after["active_params"],
                 "params_total_during_stage": summary["total_params"],
@@ -415,19 +311,11 @@ class ContinualRun:
                 "old_banks": {str(k): v for k, v in (old_banks or {}).items()} or None,
                 "seconds": round(time.perf_counter() - t0, 1),
             }
-            if self.c.strategy == "add_freeze_merge":
-                record["old_banks"] = {str(i): 1 for i, layer in enumerate(model.layers) if layer.is_moe}
             self._save_checkpoint(model, optimizer, s, domain, tokens)
             self.state["stages"].append(record)
             self._save_state()
             self._print(f"stage {s} ({domain}) done: " + ", ".join(f"{d} ppl {r['ppl']:.2f}" for d, r in results.items()))
         return self.state
-
-    def _trainer(self, stage_cfg, stage_dir: Path, model, loader, log_prefix: dict):
-        from modular.train.trainer import Trainer
-
-        return Trainer(stage_cfg, stage_dir, model, loader, {}, config_record=self.config_record,
-                       log_prefix=log_prefix, parallel=self.parallel)
 
     def _resume(self, model, done: int):
         """Load the checkpoint written after stage `done - 1` (at any world size); returns its optimizer."""
@@ -445,7 +333,7 @@ class ContinualRun:
         else:  # each rank slices the full checkpoint to its experts
             parallel_ckpt.load_model_weights(model, last, self.parallel)
         old_banks = {int(k): v for k, v in (self.state["stages"][-1].get("old_banks") or {}).items()}
-        self._apply_freeze(model, done - 1, old_banks)
+        self.apply_freeze(model, done - 1, old_banks)
         optimizer = build_optimizer(model, self.cfg.train)
         if self.parallel is None:
             ckpt.load_optimizer_state(optimizer, last)
@@ -453,26 +341,6 @@ class ContinualRun:
             parallel_ckpt.load_optimizer_state(optimizer, model, last, self.parallel)
         ckpt.set_rng_state(trainer_state["rng"])
         return optimizer
-
-    def _merge_and_carry(self, model, s: int, old_banks: dict[int, int] | None, optimizer):
-        """Merge to the budget; returns a new optimizer that carries the moments of every surviving expert.
-
-        Under torchrun the moments are made whole with the weights (the merge moves them between rows that
-        different ranks hold) and cut to each rank's rows once the experts are split again.
-        """
-        from modular.parallel import optimizer_state
-        from modular.train.optimizer import build_optimizer
-
-        if self.parallel is not None:
-            optimizer_state.gather_optimizer_state(optimizer, model, self.parallel)
-        with self._full_experts(model):
-            row_sources = self.merge(model, s)
-            self._apply_freeze(model, s, {i: 1 for i in (old_banks or {})} if old_banks else None)
-            new_optimizer = build_optimizer(model, self.cfg.train)
-            lifecycle.carry_optimizer_state(optimizer, new_optimizer, row_sources)
-        if self.parallel is not None:
-            optimizer_state.shard_optimizer_state(new_optimizer, model)
-        return new_optimizer
 
     def _save_checkpoint(self, model, optimizer, s: int, domain: str, tokens: int) -> None:
         from modular.models.structure import model_structure
@@ -485,34 +353,6 @@ class ContinualRun:
         else:  # gathered on save: rank 0 writes the one-process checkpoint, which loads at any world size
             parallel_ckpt.save_checkpoint(self.run_dir, step, model, optimizer, state, self.config_record,
                                           self.parallel, keep=keep)
-
-    def _apply_freeze(self, model, s: int, old_banks: dict[int, int] | None) -> None:
-        lifecycle.unfreeze_all(model)
-        if s > 0 and self.c.strategy in GROWING and old_banks:
-            lifecycle.freeze(model, list(self.c.freeze), old_banks)
-
-    def _review(self, model, s: int, stage_dir: Path) -> int:
-        """Train only the router rows on a small replay mix of every domain seen so far.
-
-        Only the rows the stage trained: rows frozen by continual.freeze (old_router) stay bitwise
-        unchanged through the review too, so the review teaches the new rows which tokens to leave alone.
-        """
-        trainable = {id(p): p.requires_grad for p in model.parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for layer in model.moe_layers:
-            for bank in layer.banks:
-                bank.router_weight.requires_grad_(trainable[id(bank.router_weight)])
-        review_cfg = stage_config(self.cfg, self.c.review_steps, lr=self.c.review_lr or self.cfg.train.lr)
-        seen = list(self.c.stream)[: s + 1]
-        trainer = self._trainer(review_cfg, stage_dir / "review", model,
-                                self._loader({d: 1.0 for d in seen}, seed_offset=20_000 + s),
-                                {"stage": s, "phase": "router_review"})
-        trainer.resume()
-        trainer.fit(progress_desc=f"stage {s} router review")
-        for p in model.parameters():
-            p.requires_grad_(trainable[id(p)])
-        return trainer.tokens
 
 
 def _world_size() -> int:
@@ -544,7 +384,7 @@ def _continual(cfg, all_overrides: list[str], folder: Path, parallel) -> int:
     tokenizer, _, val_sets = prepare_data(cfg, domains=stream, parallel=parallel)
     val_sets = {d: val_sets[d] for d in stream}
     folder.mkdir(parents=True, exist_ok=True)
-    record = to_dict(cfg)
+    record = {**to_dict(cfg), "stage_schedules": stage_schedules(cfg)}  # what each stage's trainer runs with
     if main:
         atomic_write_json(folder / "overrides.json", all_overrides)
         atomic_write_text(folder / "config.json", json.dumps(record, indent=2) + "\n")

@@ -58,6 +58,40 @@ class ExpertBank(nn.Module):
     def forward(self, x_sorted_ND: Tensor, counts_E: Tensor) -> Tensor:
         raise NotImplementedError
 
+    # -- capabilities: how a bank's experts can be expressed elsewhere (export, merging, kernels) --------
+    @classmethod
+    def state_names(cls) -> set[str]:
+        """The names of a bank's saved tensors that identify its type (expert stacks and router rows)."""
+        return set(cls.expert_param_names) | {"router_weight"}
+
+    @classmethod
+    def expressible_as_swiglu(cls) -> bool:
+        """True when every expert is exactly a dense SwiGLU FFN (what HF Llama/Mixtral/Qwen2-MoE hold)."""
+        return False
+
+    @classmethod
+    def swiglu_from_state(cls, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(gate [E, F, D], up [E, F, D], down [E, D, F]) of a saved bank's tensors (names without prefix)."""
+        raise NotImplementedError(f"{cls.__name__} experts are not SwiGLU FFNs")
+
+    @classmethod
+    def base_swiglu_from_state(cls, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The shared dense FFN the bank's experts are deltas on (the natural task-vector base), or None."""
+        return None
+
+    @classmethod
+    def validate_config(cls, experts_cfg, d_model: int) -> None:
+        """Checks of experts.* that only this expert type needs; raise ConfigError with one sentence."""
+
+    def expert_rows(self, index: int) -> dict[str, Tensor]:
+        """The rows of every expert stack that belong to expert `index` of this bank (plus its router row)."""
+        return {name: getattr(self, name)[index] for name in (*self.expert_param_names, "router_weight")}
+
+    def swiglu_parameters(self) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter] | None:
+        """(w_gate [E, F, D], w_up [E, F, D], w_down [E, D, F]) when this bank computes exactly a stack of
+        plain SwiGLU experts from these parameters (the fused kernels can then run it), else None."""
+        return None
+
     def params_per_expert(self) -> int:
         """Parameters one token's pass through one expert touches (for active-parameter counts)."""
         return sum(getattr(self, n)[0].numel() for n in self.expert_param_names)
@@ -73,6 +107,12 @@ class ExpertBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, ffn_dim={self.ffn_dim}"
+
+
+def bank_class_of(names: set[str]) -> type[ExpertBank] | None:
+    """The registered bank type whose saved tensors these names are (the most specific match), or None."""
+    matches = [cls for cls in EXPERT_REGISTRY.values() if cls.state_names() <= names]
+    return max(matches, key=lambda cls: len(cls.state_names()), default=None)
 
 
 def build_bank(cfg, d_model: int, num_experts: int, init_std: float) -> ExpertBank:

@@ -34,6 +34,35 @@ class LowRankBank(ExpertBank):
         self.b_down = nn.Parameter(torch.empty(E, D, r))  # [E, D, r]
 
     @classmethod
+    def state_names(cls) -> set[str]:
+        return super().state_names() | {"base_gate", "base_up", "base_down"}
+
+    @classmethod
+    def expressible_as_swiglu(cls) -> bool:
+        return True
+
+    @classmethod
+    def swiglu_from_state(cls, t):
+        # W_e = base + B_e·A_e per projection: [E, F, r] @ [E, r, D] (what forward computes)
+        return (t["base_gate"] + t["b_gate"] @ t["a_gate"], t["base_up"] + t["b_up"] @ t["a_up"],
+                t["base_down"] + t["b_down"] @ t["a_down"])
+
+    @classmethod
+    def base_swiglu_from_state(cls, t):
+        return t["base_gate"], t["base_up"], t["base_down"]
+
+    @classmethod
+    def validate_config(cls, experts_cfg, d_model: int) -> None:
+        from modular.errors import ConfigError
+
+        rank = experts_cfg.rank
+        if not (isinstance(rank, int) and rank >= 1):
+            raise ConfigError(f"experts.rank={rank} is not allowed; it must be an integer >= 1.")
+        if rank > min(experts_cfg.ffn_dim, d_model):
+            raise ConfigError(f"experts.rank={rank} is too large; a low-rank delta needs rank <= min(ffn_dim, "
+                              f"d_model) = {min(experts_cfg.ffn_dim, d_model)}.")
+
+    @classmethod
     def from_config(cls, d_model: int, num_experts: int, cfg, init_std: float) -> LowRankBank:
         return cls(d_model, cfg.ffn_dim, num_experts, init_std, rank=cfg.rank)
 

@@ -20,6 +20,19 @@ class SwiGLUBank(ExpertBank):
         self.w_up = nn.Parameter(torch.empty(num_experts, ffn_dim, d_model))  # [E, F, D]
         self.w_down = nn.Parameter(torch.empty(num_experts, d_model, ffn_dim))  # [E, D, F]
 
+    @classmethod
+    def expressible_as_swiglu(cls) -> bool:
+        return True
+
+    @classmethod
+    def swiglu_from_state(cls, tensors):
+        return tensors["w_gate"], tensors["w_up"], tensors["w_down"]
+
+    def swiglu_parameters(self):
+        # A subclass that computes something else in forward must not be run by the fused SwiGLU kernels.
+        plain = type(self).forward is SwiGLUBank.forward
+        return (self.w_gate, self.w_up, self.w_down) if plain else None
+
     def forward(self, x_sorted_ND: Tensor, counts_E: Tensor) -> Tensor:
         gate = grouped_mm(x_sorted_ND, self.w_gate, counts_E, self.backend)  # [N, F]
         up = grouped_mm(x_sorted_ND, self.w_up, counts_E, self.backend)  # [N, F]

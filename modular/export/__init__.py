@@ -11,6 +11,7 @@ from modular.export.dense import (
     export_dense,
     merged_state_dict,
 )
+from modular.export.formats import EXPORT_FORMATS, ExportFormat, export_format, register_export_format
 from modular.export.hf_config import generation_config, llama_config, mixtral_config, qwen2_moe_config
 from modular.export.hf_tokenizer import byte_level_tokenizer, write_tokenizer_files
 from modular.export.moe import MOE_FORMATS, choose_moe_adapter, export_moe
@@ -19,9 +20,11 @@ from modular.export.upcycle import load_hf_llama, save_source_tokenizer, upcycle
 
 __all__ = [
     "ADAPTERS",
+    "EXPORT_FORMATS",
     "MERGE_METHODS",
     "MOE_FORMATS",
     "Calibration",
+    "ExportFormat",
     "LlamaAdapter",
     "MixtralAdapter",
     "Qwen2MoeAdapter",
@@ -32,6 +35,7 @@ __all__ = [
     "evaluate",
     "expert_frequencies",
     "export_dense",
+    "export_format",
     "export_moe",
     "export_report",
     "generation_config",
@@ -41,6 +45,7 @@ __all__ = [
     "merged_state_dict",
     "mixtral_config",
     "qwen2_moe_config",
+    "register_export_format",
     "save_source_tokenizer",
     "upcycle",
     "write_tokenizer_files",

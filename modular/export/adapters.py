@@ -50,22 +50,28 @@ def is_moe_layer(state_dict: Mapping[str, Tensor], i: int) -> bool:
     return f"layers.{i}.mlp.banks.0.router_weight" in state_dict
 
 
-def bank_kinds(state_dict: Mapping[str, Tensor], i: int) -> list[str]:
-    """The expert type of each bank of MoE layer i, told apart by its parameter names."""
-    kinds = []
+def _bank_tensors(state_dict: Mapping[str, Tensor], i: int, b: int) -> dict[str, Tensor]:
+    p = f"layers.{i}.mlp.banks.{b}."
+    return {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)}
+
+
+def bank_classes(state_dict: Mapping[str, Tensor], i: int) -> list:
+    """The registered expert type of each bank of MoE layer i (None if none matches), told apart by the
+    names of its tensors."""
+    from modular.experts import bank_class_of
+
+    classes = []
     b = 0
     while f"layers.{i}.mlp.banks.{b}.router_weight" in state_dict:
-        p = f"layers.{i}.mlp.banks.{b}."
-        if p + "w_gate" in state_dict:
-            kinds.append("swiglu")
-        elif p + "base_gate" in state_dict:
-            kinds.append("lowrank")
-        elif p + "w_in" in state_dict:
-            kinds.append("gelu")
-        else:
-            kinds.append("unknown")
+        classes.append(bank_class_of(set(_bank_tensors(state_dict, i, b))))
         b += 1
-    return kinds
+    return classes
+
+
+def _swiglu_types() -> str:
+    from modular.experts import EXPERT_REGISTRY
+
+    return ", ".join(name for name, cls in EXPERT_REGISTRY.items() if cls.expressible_as_swiglu())
 
 
 def routable(state_dict: Mapping[str, Tensor], i: int) -> Tensor:
@@ -76,7 +82,7 @@ def routable(state_dict: Mapping[str, Tensor], i: int) -> Tensor:
     """
     offset = state_dict.get(f"layers.{i}.mlp.router.logit_offset")
     E = int(sum(state_dict[f"layers.{i}.mlp.banks.{b}.router_weight"].shape[0]
-                for b in range(len(bank_kinds(state_dict, i)))))
+                for b in range(len(bank_classes(state_dict, i)))))
     if offset is None:
         return torch.ones(E, dtype=torch.bool)
     return offset.detach().cpu() > MASKED_LOGIT / 2
@@ -100,19 +106,14 @@ def swiglu_experts(state_dict: Mapping[str, Tensor], i: int, routable_only: bool
     routable_only drops masked experts (see `routable`), which contribute exactly nothing.
     """
     gates, ups, downs, routers = [], [], [], []
-    for b, kind in enumerate(bank_kinds(state_dict, i)):
-        p = f"layers.{i}.mlp.banks.{b}."
-        if kind == "swiglu":
-            gate, up, down = state_dict[p + "w_gate"], state_dict[p + "w_up"], state_dict[p + "w_down"]
-        elif kind == "lowrank":
-            gate = state_dict[p + "base_gate"] + state_dict[p + "b_gate"] @ state_dict[p + "a_gate"]  # [E,F,r]@[E,r,D]
-            up = state_dict[p + "base_up"] + state_dict[p + "b_up"] @ state_dict[p + "a_up"]
-            down = state_dict[p + "base_down"] + state_dict[p + "b_down"] @ state_dict[p + "a_down"]  # [E,D,F]
-        else:
+    for b, bank_class in enumerate(bank_classes(state_dict, i)):
+        if bank_class is None or not bank_class.expressible_as_swiglu():
+            kind = bank_class.registry_name if bank_class is not None else "unknown"
             raise ConfigError(
-                f"layer {i} bank {b} holds {kind} experts; only swiglu and lowrank experts are SwiGLU FFNs "
+                f"layer {i} bank {b} holds {kind} experts; only {_swiglu_types()} experts are SwiGLU FFNs "
                 "that Hugging Face Llama/Mixtral/Qwen2-MoE can hold."
             )
+        gate, up, down = bank_class.swiglu_from_state(_bank_tensors(state_dict, i, b))
         if gates and gate.shape[1] != gates[0].shape[1]:
             raise ConfigError(
                 f"layer {i} bank {b} has expert width {gate.shape[1]} but bank 0 has {gates[0].shape[1]}; "
@@ -121,7 +122,7 @@ def swiglu_experts(state_dict: Mapping[str, Tensor], i: int, routable_only: bool
         gates.append(gate)
         ups.append(up)
         downs.append(down)
-        routers.append(state_dict[p + "router_weight"])
+        routers.append(state_dict[f"layers.{i}.mlp.banks.{b}.router_weight"])
     stacks = torch.cat(gates), torch.cat(ups), torch.cat(downs), torch.cat(routers)
     if routable_only:
         keep = routable(state_dict, i).to(stacks[0].device)
@@ -188,35 +189,28 @@ def _check_unused(hf: Mapping[str, Tensor], used: set[str], what: str) -> None:
 
 
 def _router_buffers(i: int, num_experts: int, like: Tensor) -> dict[str, Tensor]:
-    """The persistent buffers of a fresh top-k router (selection bias, logit offsets…), all zero: HF
-    routers have none of them. Read off the class so a buffer added there is never forgotten here."""
-    from types import SimpleNamespace
-
+    """The per-expert buffers of a top-k router (selection bias, logit offsets…), all zero: HF routers have
+    none of them. Read off the class so a buffer added there is never forgotten here."""
     from modular.routing.topk import TopKRouter
 
-    cfg = SimpleNamespace(type="topk", top_k=1, jitter=0.0, score="softmax", normalize=True, bias_balancing=False,
-                          bias_update_rate=0.0)
-    router = TopKRouter(cfg, num_experts)
-    return {f"layers.{i}.mlp.router.{k}": v.to(like.device) for k, v in router.state_dict().items()}
+    return {f"layers.{i}.mlp.router.{name}": like.new_zeros(num_experts) for name in TopKRouter.per_expert_buffers}
 
 
 def _moe_routing_misfits(cfg, state_dict: Mapping[str, Tensor], n_layers: int) -> list[str]:
+    from modular.routing import ROUTER_REGISTRY
+
     r = cfg.routing
-    misfits = []
-    if r.type != "topk":
-        misfits.append(f"routing.type={r.type} (HF MoE models route by top-k softmax)")
-    elif r.score != "softmax":
-        misfits.append(f"routing.score={r.score} (HF MoE models score experts with a softmax)")
-    if r.type == "topk" and r.bias_balancing:
-        misfits.append("routing.bias_balancing=true (a selection-only bias that HF routers do not have)")
+    misfits = [f"{m} (HF MoE models route by top-k softmax)"
+               for m in ROUTER_REGISTRY[r.type].softmax_top_k_misfits(r)]
     if r.capacity_factor is not None:
         misfits.append(f"routing.capacity_factor={r.capacity_factor} (HF MoE models are dropless)")
     counts, widths = set(), set()
     for i in range(n_layers):
         if not is_moe_layer(state_dict, i):
             continue
-        kinds = bank_kinds(state_dict, i)
-        bad = sorted(set(kinds) - {"swiglu", "lowrank"})
+        classes = bank_classes(state_dict, i)
+        bad = sorted({c.registry_name if c is not None else "unknown" for c in classes
+                      if c is None or not c.expressible_as_swiglu()})
         if bad:
             misfits.append(f"layer {i} has {'/'.join(bad)} experts (HF MoE experts are SwiGLU)")
             continue
@@ -339,7 +333,9 @@ class MixtralAdapter(StateDictAdapter):
     def misfits(self, state_dict, cfg) -> list[str]:
         n = int(cfg.model.n_layers)
         misfits = _moe_routing_misfits(cfg, state_dict, n)
-        if cfg.routing.type == "topk" and not cfg.routing.normalize:
+        from modular.routing import ROUTER_REGISTRY
+
+        if not ROUTER_REGISTRY[cfg.routing.type].weights_sum_to_one(cfg.routing):
             misfits.append("routing.normalize=false (Mixtral renormalises the top-k weights; Qwen2-MoE need not)")
         dense = [i for i in range(n) if not is_moe_layer(state_dict, i)]
         if dense:

@@ -39,36 +39,32 @@ def export_command(overrides: list[str]) -> int:
     """`modular export run.dir=RUN export.format=llama-dense|mixtral|qwen2-moe|moe export.merge=...`."""
     from modular.data.loader import validation_sets
     from modular.data.tokenizer import load_tokenizer
-    from modular.export.dense import export_dense, routing_mass_is_one
-    from modular.export.moe import export_moe
+    from modular.export.dense import routing_mass_is_one
+    from modular.export.formats import export_format
     from modular.export.report import export_report
     from modular.export.upcycle import load_hf_llama
     from modular.train.run import load_run_model
 
     model, cfg, folder, checkpoint = load_run_model(overrides, "export")
     e = cfg.export
+    fmt = export_format(e.format, e)
+    fmt.check(model, cfg)
     out = Path(e.out) if e.out else folder / "export" / e.format
     dtype = None if e.dtype == "auto" else DTYPES[e.dtype]
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     seed_source = _seed_source(cfg, folder)
     seed_model = None
-    dense = e.format == "llama-dense"
-    if seed_source and (e.report or (dense and e.merge in ("task_arithmetic", "ties"))):
+    needs_seed = getattr(fmt, "needs_seed", lambda: False)()
+    if seed_source and (e.report or needs_seed):
         seed_model, _ = load_hf_llama(seed_source)
     t = cfg.train
-    if dense:
-        needs_calibration = e.merge in ("frequency", "concat") or not routing_mass_is_one(cfg)
-        calibration = None
-        if needs_calibration:
-            sets = validation_sets(cfg.data, t.batch_size, t.seq_len, max_batches=e.calibration_batches,
-                                   progress=t.progress, tokenizer=tokenizer)
-            calibration = [batch.inputs for val in sets.values() for batch in val]
-        export_dense(model, cfg, tokenizer, out, merge=e.merge, seed_ffn=seed_model, calibration_batches=calibration,
-                     density=e.density, scale=e.scale, overwrite=e.overwrite, dtype=dtype,
-                     max_shard_size=e.max_shard_size)
-    else:
-        export_moe(model, cfg, tokenizer, out, format={"moe": "auto", "qwen2-moe": "qwen2_moe"}.get(e.format, e.format),
-                   overwrite=e.overwrite, dtype=dtype, max_shard_size=e.max_shard_size)
+    calibration = None
+    if fmt.needs_calibration or (not fmt.exact and not routing_mass_is_one(cfg)):
+        sets = validation_sets(cfg.data, t.batch_size, t.seq_len, max_batches=e.calibration_batches,
+                               progress=t.progress, tokenizer=tokenizer)
+        calibration = [batch.inputs for val in sets.values() for batch in val]
+    fmt.write(model, cfg, tokenizer, out, seed_model=seed_model, calibration_batches=calibration,
+              overwrite=e.overwrite, dtype=dtype, max_shard_size=e.max_shard_size)
     print(f"exported {checkpoint} as {e.format} to {out}")
     if e.report:
         sets = validation_sets(cfg.data, t.batch_size, t.seq_len, max_batches=t.eval_batches, progress=t.progress,

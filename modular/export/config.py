@@ -10,7 +10,6 @@ from typing import Any, Optional
 
 from modular.errors import ConfigError
 
-EXPORT_FORMATS = ("llama-dense", "mixtral", "qwen2-moe", "moe")  # moe: Mixtral where it fits, else Qwen2-MoE
 MERGES = ("uniform", "frequency", "concat", "task_arithmetic", "ties")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
@@ -42,8 +41,12 @@ class UpcycleConfig:
 
 def validate_export(cfg) -> None:
     e = cfg.export
-    if e.format not in EXPORT_FORMATS:
-        raise ConfigError(f"export.format='{e.format}' is unknown; allowed: {', '.join(EXPORT_FORMATS)}.")
+    from modular.export.formats import (
+        format_names,  # the registry (loads the export package: compose time only)
+    )
+
+    if e.format not in format_names():
+        raise ConfigError(f"export.format='{e.format}' is unknown; allowed: {', '.join(format_names())}.")
     if e.merge not in MERGES:
         raise ConfigError(f"export.merge='{e.merge}' is unknown; allowed: {', '.join(MERGES)}.")
     if not 0 < e.density <= 1:

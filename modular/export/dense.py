@@ -23,7 +23,8 @@ from modular.continual.merge import concat_swiglu, task_arithmetic, ties, weight
 from modular.errors import ConfigError
 from modular.export.adapters import (
     LlamaAdapter,
-    bank_kinds,
+    _bank_tensors,
+    bank_classes,
     dense_ffn,
     is_moe_layer,
     num_layers,
@@ -32,6 +33,7 @@ from modular.export.adapters import (
     swiglu_experts,
 )
 from modular.export.folder import write_hf_folder
+from modular.export.formats import ExportFormat, register_export_format
 from modular.export.writer import DEFAULT_MAX_SHARD_SIZE
 
 MERGE_METHODS = ("uniform", "frequency", "concat", "task_arithmetic", "ties")
@@ -75,14 +77,6 @@ def calibrate(model, batches: Iterable) -> Calibration:
     counts = {i: torch.zeros(moe.num_experts, dtype=torch.float64) for i, moe in moe_layers.items()}
     mass = {i: 0.0 for i in moe_layers}
     tokens = {i: 0 for i in moe_layers}
-
-    def hook_for(i):
-        def hook(module, inputs, output):
-            mass[i] += float(output.weight.double().sum())
-            tokens[i] += int(output.logits.shape[0])
-        return hook
-
-    handles = [moe.router.register_forward_hook(hook_for(i)) for i, moe in moe_layers.items()]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -94,9 +88,9 @@ def calibrate(model, batches: Iterable) -> Calibration:
             seen += ids.numel()
             for i, stats in model.moe_stats().items():
                 counts[i] += stats["tokens_per_expert"].double().cpu()
+                mass[i] += stats["routing_mass"] * stats["num_tokens"]
+                tokens[i] += stats["num_tokens"]
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     if seen == 0:
         raise ConfigError("the calibration batches are empty; give at least one batch of token ids.")
@@ -115,10 +109,10 @@ def expert_frequencies(model, batches: Iterable) -> dict[int, Tensor]:
 
 def routing_mass_is_one(cfg) -> bool:
     """True when every token's combine weights sum to exactly 1 by construction (no calibration needed)."""
+    from modular.routing import ROUTER_REGISTRY
+
     r = cfg.routing
-    if r.capacity_factor is not None:
-        return False
-    return r.type == "hash" or (r.type in ("topk", "sinkhorn") and bool(r.normalize))
+    return r.capacity_factor is None and ROUTER_REGISTRY[r.type].weights_sum_to_one(r)
 
 
 def seed_ffns(seed) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
@@ -144,10 +138,11 @@ def _base_for(state_dict, i: int, seeds: dict, method: str, shape: tuple) -> tup
                 "the seed must be the dense model the experts were upcycled from."
             )
         return base
-    kinds = bank_kinds(state_dict, i)
-    if kinds == ["lowrank"]:  # low-rank experts are deltas on their bank's base: the natural task-vector base
-        p = f"layers.{i}.mlp.banks.0."
-        return state_dict[p + "base_gate"], state_dict[p + "base_up"], state_dict[p + "base_down"]
+    classes = bank_classes(state_dict, i)
+    # experts that are deltas on a shared base FFN (low-rank): that base is the natural task-vector base
+    base = classes[0].base_swiglu_from_state(_bank_tensors(state_dict, i, 0)) if len(classes) == 1 else None
+    if base is not None:
+        return base
     raise ConfigError(
         f"merge='{method}' needs a base FFN for layer {i}: pass seed_ffn (the dense model the experts were "
         "upcycled from); for a model trained from scratch use merge='frequency', 'uniform' or 'concat'."
@@ -203,9 +198,11 @@ def merged_state_dict(state_dict: Mapping[str, Tensor], cfg, merge: str = "frequ
     out = {k: v for k, v in state_dict.items() if not any(k.startswith(f"layers.{i}.mlp.") for i in moe)}
     record = {"merge": merge, "density": density if merge == "ties" else None,
               "scale": scale if merge in ("task_arithmetic", "ties") else None, "layers": {}}
-    # Masked experts (logit offset -1e4) never get a token: leave them out of every merge. Hash routing
-    # ignores the logits, so there every expert counts.
-    routable_only = cfg.routing.type != "hash"
+    # Masked experts (logit offset -1e4) never get a token: leave them out of every merge. A router that
+    # does not route by the logits (hash) ignores the offsets, so there every expert counts.
+    from modular.routing import ROUTER_REGISTRY
+
+    routable_only = ROUTER_REGISTRY[cfg.routing.type].routes_by_logits
     for i in moe:
         mask = routable(state_dict, i) if routable_only else None
         E_all = int(swiglu_experts(state_dict, i, routable_only=False)[3].shape[0])
@@ -263,3 +260,25 @@ def export_dense(model, cfg, tokenizer, out_dir: str | os.PathLike, merge: str =
                                       density, scale)
     return write_hf_folder(LlamaAdapter(), state, cfg, tokenizer, out_dir, overwrite=overwrite, dtype=dtype,
                            max_shard_size=max_shard_size, info={"kind": "merged-dense", "exact": False, **record})
+
+
+@register_export_format("llama-dense")
+class LlamaDenseFormat(ExportFormat):
+    """Every MoE layer merged into one dense SwiGLU FFN: a LlamaForCausalLM (export.merge picks how)."""
+
+    exact = False
+
+    @property
+    def needs_calibration(self) -> bool:
+        e = self.export_cfg
+        return e is not None and e.merge in ("frequency", "concat")
+
+    def needs_seed(self) -> bool:
+        return self.export_cfg is not None and self.export_cfg.merge in ("task_arithmetic", "ties")
+
+    def write(self, model, cfg, tokenizer, out_dir, *, seed_model=None, calibration_batches=None, overwrite=False,
+              dtype=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> Path:
+        e = self.export_cfg
+        return export_dense(model, cfg, tokenizer, out_dir, merge=e.merge, seed_ffn=seed_model,
+                            calibration_batches=calibration_batches, density=e.density, scale=e.scale,
+                            overwrite=overwrite, dtype=dtype, max_shard_size=max_shard_size)

@@ -13,21 +13,20 @@ import torch
 from modular.errors import ConfigError
 from modular.export.adapters import MixtralAdapter, Qwen2MoeAdapter, StateDictAdapter
 from modular.export.folder import write_hf_folder
+from modular.export.formats import ExportFormat, register_export_format
 from modular.export.writer import DEFAULT_MAX_SHARD_SIZE
 
-MOE_FORMATS = ("auto", "mixtral", "qwen2_moe")
+# export.format name → the state-dict adapter that writes it ("moe": the first of them that fits)
+MOE_ADAPTERS: dict[str, type[StateDictAdapter]] = {"mixtral": MixtralAdapter, "qwen2-moe": Qwen2MoeAdapter}
+MOE_FORMATS = ("moe", *MOE_ADAPTERS)
 
 
-def choose_moe_adapter(state_dict, cfg, format: str = "auto") -> StateDictAdapter:
-    """The adapter for `format`; "auto" prefers Mixtral (the most widely supported) and falls back to Qwen2-MoE."""
+def choose_moe_adapter(state_dict, cfg, format: str = "moe") -> StateDictAdapter:
+    """The adapter for `format`; "moe" prefers Mixtral (the most widely supported) and falls back to Qwen2-MoE."""
     if format not in MOE_FORMATS:
         raise ConfigError(f"export format '{format}' is unknown for an MoE export; allowed: {', '.join(MOE_FORMATS)}.")
-    if format == "mixtral":
-        adapter: StateDictAdapter = MixtralAdapter()
-        adapter.check(state_dict, cfg)
-        return adapter
-    if format == "qwen2_moe":
-        adapter = Qwen2MoeAdapter()
+    if format in MOE_ADAPTERS:
+        adapter: StateDictAdapter = MOE_ADAPTERS[format]()
         adapter.check(state_dict, cfg)
         return adapter
     mixtral, qwen = MixtralAdapter(), Qwen2MoeAdapter()
@@ -43,7 +42,7 @@ def choose_moe_adapter(state_dict, cfg, format: str = "auto") -> StateDictAdapte
     )
 
 
-def export_moe(model, cfg, tokenizer, out_dir: str | os.PathLike, *, format: str = "auto", overwrite: bool = False,
+def export_moe(model, cfg, tokenizer, out_dir: str | os.PathLike, *, format: str = "moe", overwrite: bool = False,
                dtype: torch.dtype | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write `model` as an HF MoE folder that `AutoModelForCausalLM.from_pretrained` loads with no custom code.
 
@@ -56,3 +55,37 @@ def export_moe(model, cfg, tokenizer, out_dir: str | os.PathLike, *, format: str
     return write_hf_folder(adapter, state_dict, cfg, tokenizer, out_dir, overwrite=overwrite, dtype=dtype,
                            max_shard_size=max_shard_size,
                            info={"kind": "moe", "exact": True, "model_type": adapter.model_type})
+
+
+class _MoEFormat(ExportFormat):
+    """The MoE itself, exactly, in a Hugging Face MoE architecture."""
+
+    def cannot_express(self, model, cfg) -> list[str]:
+        state_dict = model.state_dict()
+        if self.name in MOE_ADAPTERS:
+            return MOE_ADAPTERS[self.name]().misfits(state_dict, cfg)
+        try:
+            choose_moe_adapter(state_dict, cfg, self.name)
+        except ConfigError as exc:
+            return [str(exc).rstrip(".")]
+        return []
+
+    def write(self, model, cfg, tokenizer, out_dir, *, seed_model=None, calibration_batches=None, overwrite=False,
+              dtype=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> Path:
+        return export_moe(model, cfg, tokenizer, out_dir, format=self.name, overwrite=overwrite, dtype=dtype,
+                          max_shard_size=max_shard_size)
+
+
+@register_export_format("mixtral")
+class MixtralFormat(_MoEFormat):
+    """MixtralForCausalLM: every layer MoE, renormalised softmax top-k, SwiGLU experts, no shared experts."""
+
+
+@register_export_format("qwen2-moe")
+class Qwen2MoeFormat(_MoEFormat):
+    """Qwen2MoeForCausalLM: softmax top-k with or without renormalisation, dense layers, one shared expert."""
+
+
+@register_export_format("moe")
+class AutoMoeFormat(_MoEFormat):
+    """Mixtral where the model fits it, else Qwen2-MoE."""

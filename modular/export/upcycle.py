@@ -214,10 +214,12 @@ def save_source_tokenizer(source: str | os.PathLike, out_dir: str | os.PathLike)
 
 
 def upcycle_routing_misfits(cfg) -> list[str]:
+    from modular.routing import ROUTER_REGISTRY
+
     r = cfg.routing
     misfits = []
-    if r.type == "expert_choice":
-        misfits.append("routing.type=expert_choice (a token may get no expert, so the dense function is lost)")
+    if not ROUTER_REGISTRY[r.type].routes_every_token(r):
+        misfits.append(f"routing.type={r.type} (a token may get no expert, so the dense function is lost)")
     if r.capacity_factor is not None:
         misfits.append(f"routing.capacity_factor={r.capacity_factor} (dropped tokens lose their FFN output)")
     return misfits
@@ -249,7 +251,9 @@ def upcycle(model, cfg, num_experts: int, top_k: int | None = None, *, noise: fl
     bias starts at zero; it only moves selection among identical experts.
     """
     from modular.config import validate
+    from modular.experts.swiglu import SwiGLUBank
     from modular.models import build_model
+    from modular.routing import ROUTER_REGISTRY
 
     if any(layer.is_moe for layer in model.layers):
         raise ConfigError("upcycle needs a dense model, but this one already has MoE layers; load the dense seed.")
@@ -269,7 +273,7 @@ def upcycle(model, cfg, num_experts: int, top_k: int | None = None, *, noise: fl
 
     new_cfg = copy.deepcopy(cfg)
     new_cfg.model.moe_layers = "all" if chosen == list(range(n)) else chosen
-    new_cfg.experts.type = "swiglu"
+    new_cfg.experts.type = SwiGLUBank.registry_name  # copies of a dense SwiGLU FFN
     new_cfg.experts.num_experts = num_experts
     new_cfg.experts.num_experts_per_layer = None
     new_cfg.experts.ffn_dim = widths.pop()
@@ -285,11 +289,11 @@ def upcycle(model, cfg, num_experts: int, top_k: int | None = None, *, noise: fl
             moe_state[key] = value.clone()
     generator = torch.Generator().manual_seed(seed)
     r = new_cfg.routing
-    renormalised = r.type == "hash" or bool(r.normalize)
-    if renormalised:
+    router_class = ROUTER_REGISTRY[r.type]
+    if router_class.weights_sum_to_one(r):
         selected_weight = None
     else:
-        selected_weight = 0.5 if (r.type == "topk" and r.score == "sigmoid") else 1.0 / num_experts
+        selected_weight = router_class.weight_at_zero_logits(r, num_experts)
     for i in chosen:
         p = f"layers.{i}.mlp."
         gate, up, down = (dense_state[p + f"{n_}.weight"] for n_ in ("gate_proj", "up_proj", "down_proj"))
@@ -302,7 +306,7 @@ def upcycle(model, cfg, num_experts: int, top_k: int | None = None, *, noise: fl
                 copies = copies + noise * w.float().std() * torch.randn(copies.shape, generator=generator).to(w.dtype)
             moe_state[b + name] = copies
         router = moe_state[b + "router_weight"]
-        if renormalised:
+        if selected_weight is None:  # renormalised: any choice of identical experts gives the dense output
             moe_state[b + "router_weight"] = (torch.randn(router.shape, generator=generator)
                                               * float(new_cfg.model.init_std)).to(router.dtype)
         else:

@@ -18,6 +18,7 @@ from modular.models.ffn import SwiGLUFFN
 from modular.models.moe import MoELayer
 from modular.models.norm import RMSNorm
 from modular.models.rope import RotaryEmbedding
+from modular.routing.context import RoutingContext
 
 
 @dataclass
@@ -40,10 +41,10 @@ class DecoderLayer(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoELayer)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, token_ids: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: RoutingContext) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, token_ids) if self.is_moe else self.mlp(h))
+        return x + (self.mlp(h, ctx) if self.is_moe else self.mlp(h))
 
 
 class ModularLM(nn.Module):
@@ -87,14 +88,17 @@ class ModularLM(nn.Module):
         for moe in self.moe_layers:
             moe.set_backend(backend)
 
-    def forward(self, input_ids: Tensor, targets: Tensor | None = None) -> LMOutput:
-        """input_ids [B, T]; targets [B, T] aligned with the inputs (already shifted), -100 = ignore."""
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None, *,
+                domain_ids: Tensor | None = None) -> LMOutput:
+        """input_ids [B, T]; targets [B, T] aligned with the inputs (already shifted), -100 = ignore;
+        domain_ids [B]: each row's domain, for domain-owned routing (None: no domain routing)."""
         _, T = input_ids.shape
+        ctx = RoutingContext(token_ids=input_ids, domain_ids=domain_ids)
         x = self.embed_tokens(input_ids)  # [B, T, D]
         positions = torch.arange(T, device=input_ids.device)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_ids)
+            x = layer(x, cos, sin, ctx)
         logits = self.lm_head(self.norm(x))  # [B, T, V]
         moe = self.moe_layers
         aux = sum((layer.aux_loss for layer in moe), start=logits.new_zeros(())) if moe else logits.new_zeros(())

@@ -1,8 +1,11 @@
-"""The MoE FFN slot: router → dispatcher → expert banks (grouped matmuls) → weighted combine.
+"""The MoE FFN slot: router → dispatcher → expert banks → combine → shared experts → statistics.
 
-Banks are concatenated into global expert ids (bank 0's experts first); the router sees all their
-rows at once. Auxiliary losses (already weighted) land in `aux_loss` and statistics in `last_stats`
-after every forward, so the trainer and `modular info` can read them without extra passes.
+This is the one MoE forward, in one process and under expert parallelism alike: where experts live
+and how rows reach them is the layer's dispatcher (models/dispatchers.py; all-to-all in
+modular.parallel), and what the statistics and batch-wide routing see is its reducer (identity in
+one process, all-reduce under torchrun). Banks are concatenated into global expert ids (bank 0's
+experts first); the router sees all their rows at once. Auxiliary losses (weighted) and statistics
+stay on the device after every forward; reading them (`aux_losses`, `last_stats`) syncs the host.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from modular.experts import ExpertBank, SharedExperts, build_bank
-from modular.experts.swiglu import SwiGLUBank
-from modular.kernels import combine, permute, sort_by_expert
-from modular.kernels.torch_gmm import can_fuse_swiglu_moe, torch_swiglu_moe
-from modular.routing import apply_capacity, build_router, expert_capacity, routing_stats
+from modular.models.dispatchers import Dispatcher, LocalReducer, local_dispatcher
+from modular.routing import ROUTER_REGISTRY, RouterOutput, apply_capacity, build_router, expert_capacity
+from modular.routing.context import RoutingContext
+from modular.routing.losses import assignment_counts, z_loss
+from modular.routing.stats import RoutingStats, routing_stats_vector
 
 
 class MoELayer(nn.Module):
@@ -25,7 +29,6 @@ class MoELayer(nn.Module):
         self.experts_cfg = experts_cfg
         self.routing_cfg = routing_cfg
         self.init_std = init_std
-        self.backend = backend
         self.top_k = int(routing_cfg.top_k)
         self.banks = nn.ModuleList([build_bank(experts_cfg, d_model, num_experts, init_std)])
         # The expert each one was initialised from (continual growth by copy), for task-arithmetic merges.
@@ -37,15 +40,18 @@ class MoELayer(nn.Module):
             self.shared_experts = SharedExperts(d_model, shared_dim, experts_cfg.shared_experts)
         self.loss_weights = {"load_balancing": float(routing_cfg.aux_loss_weight),
                              "z_loss": float(routing_cfg.z_loss_weight)}
-        self.set_backend(backend)
-        # torch backend, SwiGLU banks: gather, experts and combine run as one autograd Function
-        # (kernels/torch_gmm.py); False forces the generic permute → bank.forward → combine path.
-        self.fused_swiglu = True
+        capacity_factor = routing_cfg.capacity_factor
+        # Token choice with a capacity factor: over-full experts drop assignments (routing/capacity.py).
+        self.capacity_factor = (float(capacity_factor)
+                                if capacity_factor is not None and not self.router.owns_capacity else None)
+        # Where experts live: None in one process; modular.parallel sets an ExpertPlacement under torchrun.
+        self.placement = None
+        self.reducer = LocalReducer()
+        self.backend = backend
+        self.dispatcher: Dispatcher = local_dispatcher(backend, self.banks)
         self.aux_loss: Tensor | None = None
-        self.aux_losses: dict[str, float] = {}
-        self.last_stats: dict | None = None
-        # Set by modular.parallel under expert/data parallelism: runs forward across ranks, shards new banks.
-        self.parallel = None
+        self._aux_losses: dict[str, Tensor] = {}
+        self._stats: RoutingStats | None = None
 
     # -- structure ------------------------------------------------------------------------------
     @property
@@ -60,86 +66,137 @@ class MoELayer(nn.Module):
         return torch.cat([bank.router_weight for bank in self.banks], dim=0)
 
     def set_backend(self, backend: str) -> None:
+        """Choose the kernels and, with them, the dispatcher; called again whenever the banks change."""
         self.backend = backend
         for bank in self.banks:
             bank.backend = backend
+        if self.placement is not None and self.placement.dispatcher is not None:
+            self.dispatcher = self.placement.dispatcher
+        else:
+            self.dispatcher = local_dispatcher(backend, self.banks)
+
+    def place(self, placement) -> None:
+        """Put the layer's experts where `placement` says (modular.parallel), or back in this process (None)."""
+        self.placement = placement
+        self.reducer = placement.reducer if placement is not None else LocalReducer()
+        self.set_backend(self.backend)
+
+    def set_banks(self, banks: list[ExpertBank]) -> None:
+        """Replace the banks (merging, loading a grown structure); the router and parents follow the caller."""
+        self.banks = nn.ModuleList(banks)
+        self.set_backend(self.backend)
 
     def add_bank(self, bank: ExpertBank) -> None:
         """Append a bank of new experts (continual growth); the router follows the new expert count."""
-        bank.backend = self.backend
-        if self.parallel is not None:  # expert parallel: this rank keeps its share of the new experts
-            bank = self.parallel.shard_bank(bank)
+        if self.placement is not None:  # expert parallel: this rank keeps its share of the new experts
+            bank = self.placement.shard_bank(bank)
         self.banks.append(bank)
         self.expert_parents = self.expert_parents + [None] * bank.num_experts
         self.router.resize(self.num_experts)
+        self.set_backend(self.backend)
 
     def new_bank(self, num_experts: int) -> ExpertBank:
         return build_bank(self.experts_cfg, self.d_model, num_experts, self.init_std)
 
-    # -- compute --------------------------------------------------------------------------------
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
-        if self.parallel is not None:
-            return self.parallel.forward(self, x, token_ids)
-        shape = x.shape
-        x_TD = x.reshape(-1, self.d_model)
-        T = x_TD.shape[0]
-        E = self.num_experts
-        routed = self.router(x_TD, self.router_weight(), token_ids.reshape(-1) if token_ids is not None else None)
-        cf = self.routing_cfg.capacity_factor
-        if cf is not None and self.routing_cfg.type != "expert_choice":
-            capacity = expert_capacity(T, E, self.top_k, float(cf))
-            routed = apply_capacity(routed, capacity, E, self.routing_cfg.drop_policy)
+    def stacked_swiglu_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(w_gate [E, F, D], w_up [E, F, D], w_down [E, D, F]) over all (plain SwiGLU) banks, global order."""
+        weights = [bank.swiglu_parameters() for bank in self.banks]
+        if len(weights) == 1:
+            return weights[0]
+        return tuple(torch.cat([w[j] for w in weights], dim=0) for j in range(3))
 
-        if self._fused_triton():
-            from modular.kernels.triton_swiglu import swiglu_moe
+    def run_experts(self, x_sorted_ND: Tensor, counts_E: Tensor, bank_sizes: list[int] | None = None) -> Tensor:
+        """Rows sorted into per-expert segments (counts_E rows each) through their experts, bank by bank.
 
-            order = torch.argsort(routed.expert_idx, stable=True)
-            counts = torch.bincount(routed.expert_idx, minlength=E)
-            y_TD = swiglu_moe(x_TD, list(self.banks), counts, routed.token_idx[order], order, routed.weight[order],
-                              routed.token_idx)
-        elif self._can_fuse_swiglu(x_TD):  # torch backend: one Function streaming expert by expert
-            token_sorted, order, counts = sort_by_expert(routed.token_idx, routed.expert_idx, E)
-            y_TD = torch_swiglu_moe(x_TD, *self._stacked_swiglu_weights(), counts, token_sorted, routed.weight[order])
-        else:
-            x_sorted, token_sorted, order, counts = permute(x_TD, routed.token_idx, routed.expert_idx, E)
-            y_sorted = self._run_banks(x_sorted, counts)
-            y_TD = combine(y_sorted, token_sorted, routed.weight[order], T)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
-
-        self.aux_loss = sum(
-            (self.loss_weights.get(name, 0.0) * value for name, value in routed.losses.items()),
-            start=x_TD.new_zeros(()),
-        )
-        self.aux_losses = {name: float(value.detach()) for name, value in routed.losses.items()}
-        self.last_stats = routing_stats(routed.probs, routed.expert_idx, routed.token_idx, E,
-                                        routed.dropped_assignments)
-        self.last_stats["bank_sizes"] = self.bank_sizes()
-        return y_TD.reshape(shape)
-
-    def _fused_triton(self) -> bool:
-        """All banks SwiGLU on the Triton backend: gather/scatter fused into the expert GEMMs, one launch
-        per projection over every bank."""
-        return self.backend == "triton" and all(bank.registry_name == "swiglu" for bank in self.banks)
-
-    def _can_fuse_swiglu(self, x_TD: Tensor) -> bool:
-        return (self.fused_swiglu and self.backend == "torch" and all(type(b) is SwiGLUBank for b in self.banks)
-                and can_fuse_swiglu_moe(x_TD, self.banks[0].w_gate, self.banks[0].w_down))
-
-    def _stacked_swiglu_weights(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(w_gate [E, F, D], w_up [E, F, D], w_down [E, D, F]) over all banks, in global expert order."""
+        bank_sizes: experts of each bank held here (under expert parallelism a rank holds a slice)."""
         if len(self.banks) == 1:
-            bank = self.banks[0]
-            return bank.w_gate, bank.w_up, bank.w_down
-        return tuple(torch.cat([getattr(b, n) for b in self.banks], dim=0) for n in ("w_gate", "w_up", "w_down"))
-
-    def _run_banks(self, x_sorted_AD: Tensor, counts_E: Tensor) -> Tensor:
-        if len(self.banks) == 1:
-            return self.banks[0](x_sorted_AD, counts_E)
-        counts_per_bank = torch.split(counts_E, self.bank_sizes())
+            return self.banks[0](x_sorted_ND, counts_E)
+        counts_per_bank = torch.split(counts_E, bank_sizes or self.bank_sizes())
         rows_per_bank = [int(c.sum()) for c in counts_per_bank]
-        x_per_bank = torch.split(x_sorted_AD, rows_per_bank)
+        x_per_bank = torch.split(x_sorted_ND, rows_per_bank)
         return torch.cat([bank(x, c) for bank, x, c in zip(self.banks, x_per_bank, counts_per_bank)], dim=0)
 
+    # -- compute --------------------------------------------------------------------------------
+    def forward(self, x: Tensor, ctx: RoutingContext | Tensor | None = None) -> Tensor:
+        """x [..., D] → [..., D]; ctx: the routing context (or bare token ids)."""
+        ctx = RoutingContext.of(ctx)
+        shape = x.shape
+        x_TD = x.reshape(-1, self.d_model)
+        # Training under torchrun: every rank holds a slice of one global batch; evaluation gives every
+        # rank the same batches, so each routes and counts its own (identical) tokens.
+        global_batch = self.training and self.reducer.world_size > 1
+        pre, post, load_E = self._route(x_TD, ctx, global_batch)
+        if self.training:
+            self.router.update_selection(load_E)
+        y_TD = self.dispatcher(self, x_TD, post)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        if global_batch:
+            losses, logged = self.reducer.global_losses(self, pre, load_E)
+        else:
+            losses = pre.losses
+            logged = {name: value.detach() for name, value in losses.items()}
+        self.aux_loss = sum((self.loss_weights.get(name, 0.0) * value for name, value in losses.items()),
+                            start=x_TD.new_zeros(()))
+        self._aux_losses = logged
+        vector = routing_stats_vector(post.probs, post.expert_idx, post.token_idx, post.weight, self.num_experts,
+                                      post.dropped_assignments)
+        self._stats = RoutingStats(self.reducer.sum(vector) if global_batch else vector, self.num_experts,
+                                   self.bank_sizes())
+        return y_TD.reshape(shape)
+
+    def _route(self, x_TD: Tensor, ctx: RoutingContext, global_batch: bool
+               ) -> tuple[RouterOutput, RouterOutput, Tensor]:
+        """(assignments before capacity, after capacity, each expert's load over the global batch)."""
+        router, T, E = self.router, x_TD.shape[0], self.num_experts
+        ids_T = ctx.flat_token_ids()
+        logits_TE = router.logits(x_TD, self.router_weight())
+        if global_batch and (router.batch_global or self.capacity_factor is not None):
+            # The choice depends on the whole batch: route over every rank's logits, keep this rank's rows.
+            all_logits, offset = self.reducer.gather_rows(logits_TE)
+            all_ids = self.reducer.gather_rows(ids_T)[0] if ids_T is not None and router.uses_token_ids else None
+            routed = router.route(all_logits, all_ids)
+            load_E = assignment_counts(routed.expert_idx, E)  # already the global batch's
+            pre = routed.rows(offset, T)
+            if "z_loss" in pre.losses:  # this rank's share: the mean over ranks is the global-batch value
+                pre.losses["z_loss"] = z_loss(pre.logits)
+            if self.capacity_factor is None:
+                return pre, pre, load_E
+            capacity = expert_capacity(all_logits.shape[0], E, self.top_k, self.capacity_factor)
+            post = apply_capacity(routed, capacity, E, self.routing_cfg.drop_policy).rows(offset, T)
+            post.dropped_assignments = pre.expert_idx.numel() - post.expert_idx.numel()
+            post.losses = pre.losses
+            return pre, post, load_E
+        pre = router.route(logits_TE, ids_T)
+        load_E = assignment_counts(pre.expert_idx, E)
+        if global_batch:
+            load_E = self.reducer.sum(load_E)
+        post = pre
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(T, E, self.top_k, self.capacity_factor)
+            post = apply_capacity(pre, capacity, E, self.routing_cfg.drop_policy)
+        return pre, post, load_E
+
+    # -- what the last forward left -------------------------------------------------------------
+    @property
+    def aux_losses(self) -> dict[str, float]:
+        """Unweighted auxiliary losses of the last forward (global batch under torchrun), on the host."""
+        return {name: float(value) for name, value in self._aux_losses.items()}
+
+    @property
+    def routing_stats(self) -> RoutingStats | None:
+        """Statistics of the last forward, still on the device."""
+        return self._stats
+
+    @property
+    def last_stats(self) -> dict | None:
+        """Statistics of the last forward on the host: tokens per expert, entropy, imbalance, drops."""
+        return self._stats.as_dict() if self._stats is not None else None
+
     def extra_repr(self) -> str:
-        return f"banks={self.bank_sizes()}, top_k={self.top_k}, router={self.router.registry_name}"
+        return f"banks={self.bank_sizes()}, top_k={self.top_k}, router={type(self.router).__name__}"
+
+
+def router_class(routing_cfg):
+    """The registered router class of a routing config (for capability questions before a layer exists)."""
+    return ROUTER_REGISTRY[routing_cfg.type]

@@ -39,8 +39,7 @@ def apply_structure(model: ModularLM, structure: dict) -> None:
             if b["type"] not in EXPERT_REGISTRY:
                 raise CheckpointError(f"The checkpoint uses expert type '{b['type']}', which is not registered here.")
             new_banks.append(EXPERT_REGISTRY[b["type"]].from_config(layer.d_model, b["experts"], cfg, layer.init_std))
-        layer.banks = type(layer.banks)(new_banks)
-        layer.set_backend(layer.backend)
+        layer.set_banks(new_banks)
         layer.router.resize(layer.num_experts)
         layer.expert_parents = [None] * layer.num_experts
     for key, layer_parents in parents.items():

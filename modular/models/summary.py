@@ -13,11 +13,8 @@ from modular.models.moe import MoELayer
 
 
 def experts_per_token(moe: MoELayer) -> float:
-    """Average routed experts per token: k for token choice, capacity_factor·k for expert choice."""
-    cfg = moe.routing_cfg
-    if cfg.type == "expert_choice":
-        return min(float(moe.num_experts), float(cfg.capacity_factor) * moe.top_k)
-    return float(moe.top_k)
+    """Average routed experts per token, as the router states it (k for token choice, c·k for expert choice)."""
+    return type(moe.router).experts_per_token(moe.routing_cfg, moe.num_experts)
 
 
 def parameter_count(module) -> int:
@@ -85,7 +82,7 @@ def summarize(model: ModularLM, seq_len: int | None = None) -> dict:
         "train_flops_per_token": round(3 * flops),
         "seq_len": int(seq_len),
         "n_layers": n_layers,
-        "moe_layers": [e["index"] for e in layers if e["ffn"] == "moe"],
+        "moe_layers": [e["index"] for e in layers if "experts" in e],
         "layers": layers,
     }
 
@@ -106,7 +103,7 @@ def format_summary(summary: dict, cfg=None) -> str:
         )
     lines.append(f"{'layer':>5}  {'ffn':<5}  {'experts (banks)':<18}  {'router':<14}  {'k':>4}  {'ffn params':>11}  {'active':>9}")
     for e in summary["layers"]:
-        if e["ffn"] == "moe":
+        if "experts" in e:  # an MoE layer
             banks = "+".join(str(b["experts"]) for b in e["banks"])
             shared = f" +{e['shared_experts']}sh" if e["shared_experts"] else ""
             experts = f"{e['experts']} ({banks}){shared} {e['banks'][0]['type']}"

@@ -52,7 +52,7 @@ def _worker(rank: int, world: int, port: int, backend: str, dtype_name: str, res
     from modular.config import compose_config
     from modular.models.moe import MoELayer
     from modular.parallel import all_to_all as a2a_module
-    from modular.parallel.expert_parallel import ParallelMoE, shard_bank
+    from modular.parallel.expert_parallel import ExpertPlacement, shard_bank
     from modular.parallel.mesh import ParallelContext
 
     ctx = ParallelContext(rank=rank, world_size=world, local_rank=rank, dp=1, ep=world, device=device,
@@ -77,7 +77,7 @@ def _worker(rank: int, world: int, port: int, backend: str, dtype_name: str, res
         t_gemm = _timed(lambda bank=bank_local, xg=xg, counts=counts: bank(xg, counts).sum().backward())
         flops = 3 * 2 * 3 * D_MODEL * FFN * T * TOP_K  # training: 3 × forward of 3 matrices
         # 3. the whole EP layer, forward + backward, and the time spent inside its all-to-alls
-        layer.parallel = ParallelMoE(ctx)
+        layer.place(ExpertPlacement(ctx))
         layer.train()
         torch.manual_seed(1 + rank)  # each rank its own tokens
         h = torch.randn(T, D_MODEL, device=device, dtype=dtype, requires_grad=True)

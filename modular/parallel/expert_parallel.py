@@ -25,14 +25,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from modular.errors import ConfigError
-from modular.kernels import combine, permute
+from modular.kernels import combine
+from modular.models.dispatchers import Dispatcher
 from modular.parallel.all_to_all import all_to_all, exchange_counts
-from modular.routing import RouterOutput, apply_capacity, expert_capacity, routing_stats
-from modular.routing.losses import z_loss
-
-# Routers whose assignments depend on other tokens of the batch, not on each token alone.
-BATCH_GLOBAL_ROUTERS = ("expert_choice", "sinkhorn")
-
+from modular.routing import RouterOutput
 
 # -- placing experts ------------------------------------------------------------------------------
 
@@ -94,15 +90,15 @@ def gather_experts(local_L: Tensor, ctx) -> Tensor:
 
 
 def parallelize_moe_layers(model, ctx) -> None:
-    """Shard every MoE layer's banks over the EP ranks and send its forward through `ParallelMoE`.
+    """Shard every MoE layer's banks over the EP ranks and place the layer across the ranks.
 
     Idempotent; banks already sharded stay as they are (a resumed model may mix both).
     """
     for layer in model.moe_layers:
-        if layer.parallel is None:
-            layer.parallel = ParallelMoE(ctx)
         for bank in layer.banks:
             shard_bank(bank, ctx)
+        if layer.placement is None:
+            layer.place(ExpertPlacement(ctx))
 
 
 @contextmanager
@@ -116,7 +112,7 @@ def full_experts(model, ctx):
     for layer in model.moe_layers:
         for bank in layer.banks:
             gather_bank(bank, ctx)
-        layer.parallel = None
+        layer.place(None)
     yield model
     # Not in a `finally`: after an error on one rank, the others must not wait in these collectives.
     for layer in model.moe_layers:
@@ -138,15 +134,17 @@ def expert_parameter_names(model) -> dict[str, tuple[int, int, int]]:
     return found
 
 
-# -- the distributed forward ----------------------------------------------------------------------
+# -- the layer's placement: dispatcher and reducer ------------------------------------------------
 
 
-class ParallelMoE:
-    """Set as `MoELayer.parallel`: the layer's forward across ranks, and where its new banks' experts go."""
+class ExpertPlacement:
+    """Set by `MoELayer.place` under torchrun: where new banks' experts go, the all-to-all dispatcher
+    (expert parallelism; data parallelism alone keeps the one-process dispatchers) and the reducer."""
 
     def __init__(self, ctx):
         self.ctx = ctx
-        self._placement: dict[tuple[int, ...], tuple[Tensor, list[int]]] = {}
+        self.dispatcher = AllToAllDispatcher(ctx) if ctx.ep > 1 else None
+        self.reducer = AllReduceReducer(ctx)
 
     def __deepcopy__(self, memo):  # a copied model (e.g. a distillation teacher) shares the process groups
         return self
@@ -154,81 +152,15 @@ class ParallelMoE:
     def shard_bank(self, bank):
         return shard_bank(bank, self.ctx)
 
-    def forward(self, layer, x: Tensor, token_ids: Tensor | None) -> Tensor:
-        shape = x.shape
-        x_TD = x.reshape(-1, layer.d_model)
-        T = x_TD.shape[0]
-        ids_T = token_ids.reshape(-1) if token_ids is not None else None
-        global_batch = layer.training  # training: the ranks' tokens are slices of one global batch
-        saved_bias = self._bias(layer)
-        pre, post = self._route(layer, x_TD, ids_T, global_batch)
-        y_TD = self._dispatch(layer, x_TD, post)
-        if layer.shared_experts is not None:
-            y_TD = y_TD + layer.shared_experts(x_TD)
-        losses, logged, stats = self._losses_and_stats(layer, pre, post, T, global_batch, saved_bias)
-        layer.aux_loss = sum((layer.loss_weights.get(name, 0.0) * value for name, value in losses.items()),
-                             start=x_TD.new_zeros(()))
-        layer.aux_losses = logged
-        layer.last_stats = stats
-        layer.last_stats["bank_sizes"] = layer.bank_sizes()
-        return y_TD.reshape(shape)
 
-    # -- routing --------------------------------------------------------------------------------
-    @staticmethod
-    def _bias(layer) -> Tensor | None:
-        router = layer.router
-        if layer.training and getattr(router, "bias_balancing", False):
-            return router.expert_bias.detach().clone()
-        return None
+class AllToAllDispatcher(Dispatcher):
+    """Rows travel to the EP ranks holding their experts by all-to-all, are computed there bank by bank
+    (each rank holds an equal slice of every bank), and come back the same way."""
 
-    def _route(self, layer, x_TD: Tensor, ids_T: Tensor | None, global_batch: bool):
-        """(assignments before capacity, after capacity) for this rank's tokens."""
-        r = layer.routing_cfg
-        E = layer.num_experts
-        T = x_TD.shape[0]
-        capped = r.capacity_factor is not None and r.type != "expert_choice"
-        if global_batch and (r.type in BATCH_GLOBAL_ROUTERS or capped):
-            logits_TE = router_logits(layer.router, x_TD, layer.router_weight())
-            all_logits, offset = self._gather_rows(logits_TE)
-            all_ids = None
-            if ids_T is not None and layer.router.uses_token_ids:
-                all_ids, _ = self._gather_rows(ids_T)
-            routed = layer.router.route(all_logits, all_ids)
-            pre = _rows_of(routed, offset, T, 0)
-            if "z_loss" in pre.losses:  # this rank's share: the mean over ranks is the global-batch value
-                pre.losses["z_loss"] = z_loss(pre.logits)
-            if not capped:
-                return pre, pre
-            capacity = expert_capacity(all_logits.shape[0], E, layer.top_k, float(r.capacity_factor))
-            kept = apply_capacity(routed, capacity, E, r.drop_policy)
-            post = _rows_of(kept, offset, T, 0)
-            post.dropped_assignments = pre.expert_idx.numel() - post.expert_idx.numel()
-            post.losses = pre.losses
-            return pre, post
-        pre = layer.router(x_TD, layer.router_weight(), ids_T)
-        post = pre
-        if capped:  # evaluation: every rank has the whole (same) batch
-            post = apply_capacity(pre, expert_capacity(T, E, layer.top_k, float(r.capacity_factor)), E,
-                                  r.drop_policy)
-        return pre, post
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self._placement: dict[tuple[int, ...], tuple[Tensor, list[int]]] = {}
 
-    def _gather_rows(self, t: Tensor) -> tuple[Tensor, int]:
-        """All ranks' rows of `t` in rank order, this rank's rows live (differentiable), the rest detached."""
-        ctx = self.ctx
-        sizes_t = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
-        all_sizes = [torch.empty_like(sizes_t) for _ in range(ctx.world_size)]
-        dist.all_gather(all_sizes, sizes_t, group=ctx.world_group)
-        sizes = [int(s) for s in all_sizes]
-        longest = max(sizes)
-        padded = t.detach().new_zeros((longest,) + tuple(t.shape[1:]))
-        padded[: t.shape[0]] = t.detach()
-        parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
-        dist.all_gather(parts, padded, group=ctx.world_group)
-        rows = [part[:n] for part, n in zip(parts, sizes)]
-        rows[ctx.rank] = t
-        return torch.cat(rows, dim=0), sum(sizes[: ctx.rank])
-
-    # -- dispatch -------------------------------------------------------------------------------
     def _local_placement(self, layer) -> tuple[Tensor, list[int]]:
         """key_E [E]: dest_rank · L + local expert id for every global expert; local bank sizes."""
         sizes = tuple(layer.bank_sizes())
@@ -242,16 +174,10 @@ class ParallelMoE:
                 keys.append((j // per_rank) * L + first_local + j % per_rank)
                 first_local += per_rank
             self._placement[sizes] = (torch.cat(keys), local)
-        key_E, local = self._placement[sizes]
-        return key_E, local
+        return self._placement[sizes]
 
-    def _dispatch(self, layer, x_TD: Tensor, routed: RouterOutput) -> Tensor:
+    def __call__(self, layer, x_TD: Tensor, routed: RouterOutput) -> Tensor:
         T = x_TD.shape[0]
-        E = layer.num_experts
-        if self.ctx.ep == 1:  # data parallel only: every rank holds every expert
-            x_sorted, token_sorted, order, counts = permute(x_TD, routed.token_idx, routed.expert_idx, E)
-            y_sorted = layer._run_banks(x_sorted, counts)
-            return combine(y_sorted, token_sorted, routed.weight[order], T)
         P, group = self.ctx.ep, self.ctx.ep_group
         key_E, local_sizes = self._local_placement(layer)
         L = sum(local_sizes)
@@ -268,107 +194,67 @@ class ParallelMoE:
         expert_of_row = torch.arange(L, device=x_TD.device).repeat(P).repeat_interleave(recv_counts)
         regroup = torch.argsort(expert_of_row, stable=True)
         counts_L = recv_counts.view(P, L).sum(0)
-        y_local_ND = _run_local_banks(layer, x_recv_ND[regroup], counts_L, local_sizes)
+        y_local_ND = layer.run_experts(x_recv_ND[regroup], counts_L, local_sizes)
         y_local_ND = _keep_in_graph(y_local_ND, x_recv_ND)
         y_recv_ND = y_local_ND[torch.argsort(regroup)]
         y_back_AD = all_to_all(y_recv_ND, send_splits, recv_splits, group)
         return combine(y_back_AD, token_sorted_A, routed.weight[order_A], T)
 
-    # -- losses and statistics ------------------------------------------------------------------
-    def _losses_and_stats(self, layer, pre: RouterOutput, post: RouterOutput, T: int, global_batch: bool,
-                          saved_bias: Tensor | None):
-        E = layer.num_experts
-        losses = dict(pre.losses)
-        if not global_batch:
-            stats = routing_stats(post.probs, post.expert_idx, post.token_idx, E, post.dropped_assignments)
-            return losses, {n: float(v.detach()) for n, v in losses.items()}, stats
+
+class AllReduceReducer:
+    """Training under torchrun: statistics and balancing losses over the global batch (every rank's slice)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.world_size = ctx.world_size
+
+    def gather_rows(self, t: Tensor) -> tuple[Tensor, int]:
+        """All ranks' rows of `t` in rank order, this rank's rows live (differentiable), the rest detached;
+        and the index of this rank's first row."""
         ctx = self.ctx
-        W = ctx.world_size
+        sizes_t = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+        all_sizes = [torch.empty_like(sizes_t) for _ in range(ctx.world_size)]
+        dist.all_gather(all_sizes, sizes_t, group=ctx.world_group)
+        sizes = [int(s) for s in all_sizes]
+        longest = max(sizes)
+        padded = t.detach().new_zeros((longest,) + tuple(t.shape[1:]))
+        padded[: t.shape[0]] = t.detach()
+        parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+        dist.all_gather(parts, padded, group=ctx.world_group)
+        rows = [part[:n] for part, n in zip(parts, sizes)]
+        rows[ctx.rank] = t
+        return torch.cat(rows, dim=0), sum(sizes[: ctx.rank])
+
+    def sum(self, t: Tensor) -> Tensor:
+        out = t.clone()
+        dist.all_reduce(out, group=self.ctx.world_group)
+        return out
+
+    def global_losses(self, layer, pre: RouterOutput, load_E: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(this rank's share of each auxiliary loss, the global-batch values to log).
+
+        DDP averages gradients over the ranks, so each rank's share is scaled for the shares' mean to be
+        the global-batch loss. Switch loss E·Σ f_e·P_e: f from the global load, this rank's share of P is
+        Σ_its tokens p / T_all, times the world size. Per-token losses (z-loss) are each rank's own mean;
+        logged, they are weighted by each rank's tokens."""
+        E, W = layer.num_experts, self.world_size
+        losses = dict(pre.losses)
         probs_TE = pre.probs
-        others = [n for n in losses if n != "load_balancing"]
+        T = probs_TE.shape[0]
+        T_all = self.sum(torch.tensor([float(T)], dtype=torch.float64, device=probs_TE.device))[0]
         if T == 0:  # a mean over no tokens is nan: this rank adds nothing to the per-token losses
-            losses.update({n: pre.logits.sum() * 0.0 for n in others})
-        with torch.no_grad():
-            p = probs_TE.float().clamp_min(1e-12)
-            p = p / p.sum(dim=-1, keepdim=True)
-            entropy_sum = -(p * p.log()).sum()
-            routed_tokens = torch.zeros(T, dtype=torch.bool, device=probs_TE.device)
-            routed_tokens[post.token_idx] = True
-            scalars = torch.stack([torch.tensor(float(T)), torch.tensor(float(post.dropped_assignments)),
-                                   entropy_sum.cpu().double(), routed_tokens.sum().cpu().double()]
-                                  + [losses[n].detach().cpu().double() * T for n in others])
-            vec = torch.cat([torch.bincount(pre.expert_idx, minlength=E).double(),
-                             torch.bincount(post.expert_idx, minlength=E).double(),
-                             probs_TE.detach().double().sum(0), scalars.to(probs_TE.device)])
-            dist.all_reduce(vec, group=ctx.world_group)
-            pre_counts, post_counts, probs_sum = vec[:E], vec[E:2 * E], vec[2 * E:3 * E]
-            T_all, dropped, entropy_all, routed_all = (float(v) for v in vec[3 * E:3 * E + 4])
-            other_sums = vec[3 * E + 4:]
-        logged = {}
+            losses.update({n: pre.logits.sum() * 0.0 for n in losses if n != "load_balancing"})
         if "load_balancing" in losses:
-            # Switch loss E·Σ f_e·P_e over the global batch, split so that the ranks' mean is that loss:
-            # f from global counts; this rank's share of P is Σ_its tokens p / T_all, times W.
-            f_E = pre_counts / pre_counts.sum().clamp_min(1)
-            losses["load_balancing"] = E * (f_E.to(probs_TE.dtype) * probs_TE.sum(0)).sum() * (W / max(T_all, 1.0))
-            logged["load_balancing"] = float(E * (f_E * probs_sum).sum() / max(T_all, 1.0))
-        for name, total in zip(others, other_sums.tolist()):  # per-token means, weighted by each rank's tokens
-            logged[name] = total / max(T_all, 1.0)
-        logged = {name: logged[name] for name in pre.losses}  # the router's order
-        if saved_bias is not None and layer.router.expert_bias.shape == saved_bias.shape:
-            self._global_bias_update(layer.router, saved_bias, pre_counts)
-        tokens_per_expert = post_counts.round().to(torch.int64).cpu()
-        mean_load = tokens_per_expert.float().mean().clamp_min(1e-12)
-        stats = {
-            "tokens_per_expert": tokens_per_expert,
-            "entropy": entropy_all / max(T_all, 1.0),
-            "max_imbalance": float(tokens_per_expert.max().float() / mean_load),
-            "dropped_assignments": round(dropped),
-            "dropped_tokens": round(T_all - routed_all),
-            "num_tokens": round(T_all),
-        }
-        return losses, logged, stats
-
-    @staticmethod
-    @torch.no_grad()
-    def _global_bias_update(router, saved_bias: Tensor, global_load_E: Tensor) -> None:
-        """Redo the selection-bias step of DeepSeek-V3 balancing with the global batch's load.
-
-        Routers that took their decision over gathered logits already saw the global load: their update
-        stands (it differs from the saved bias only by that step)."""
-        if router.cfg.type in BATCH_GLOBAL_ROUTERS or router.cfg.capacity_factor is not None:
-            return
-        load = global_load_E.to(saved_bias.dtype)
-        router.expert_bias.copy_(saved_bias + router.bias_update_rate * torch.sign(load.mean() - load))
-
-
-def router_logits(router, x_TD: Tensor, router_weight_ED: Tensor) -> Tensor:
-    """The logits `Router.forward` computes before `route` (jitter, then x·Wᵀ plus any logit offset)."""
-    if router.training and router.jitter > 0:
-        noise = torch.empty_like(x_TD).uniform_(1.0 - router.jitter, 1.0 + router.jitter)
-        x_TD = x_TD * noise
-    logits_TE = x_TD @ router_weight_ED.t()
-    offset = getattr(router, "logit_offset", None)
-    if offset is not None:
-        logits_TE = logits_TE + offset.to(x_TD.dtype)
-    return logits_TE
-
-
-def _rows_of(routed: RouterOutput, offset: int, T: int, dropped: int) -> RouterOutput:
-    """The assignments of tokens [offset, offset + T) of a routing over all ranks' tokens, re-indexed."""
-    keep = (routed.token_idx >= offset) & (routed.token_idx < offset + T)
-    return RouterOutput(token_idx=routed.token_idx[keep] - offset, expert_idx=routed.expert_idx[keep],
-                        weight=routed.weight[keep], probs=routed.probs[offset:offset + T],
-                        logits=routed.logits[offset:offset + T], losses=dict(routed.losses),
-                        dropped_assignments=dropped)
-
-
-def _run_local_banks(layer, x_sorted_ND: Tensor, counts_L: Tensor, local_sizes: list[int]) -> Tensor:
-    if len(layer.banks) == 1:
-        return layer.banks[0](x_sorted_ND, counts_L)
-    counts_per_bank = torch.split(counts_L, local_sizes)
-    rows_per_bank = [int(c.sum()) for c in counts_per_bank]
-    x_per_bank = torch.split(x_sorted_ND, rows_per_bank)
-    return torch.cat([bank(x, c) for bank, x, c in zip(layer.banks, x_per_bank, counts_per_bank)], dim=0)
+            f_E = load_E.to(torch.float64) / load_E.sum().clamp_min(1)
+            losses["load_balancing"] = (E * (f_E.to(probs_TE.dtype) * probs_TE.sum(0)).sum()
+                                        * (W / T_all.clamp_min(1.0)).to(probs_TE.dtype))
+        names = list(losses)
+        # Summed over ranks: the balancing shares / W (their mean), the per-token losses × tokens.
+        parts = [losses[n].detach().to(torch.float64) * (1.0 / W if n == "load_balancing" else T) for n in names]
+        totals = self.sum(torch.stack(parts)) if parts else torch.zeros(0, dtype=torch.float64)
+        logged = {n: totals[j] if n == "load_balancing" else totals[j] / T_all.clamp_min(1.0)
+                  for j, n in enumerate(names)}
+        return losses, logged
 
 
 def _keep_in_graph(y_ND: Tensor, x_ND: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from modular.errors import ConfigError
 from modular.routing.base import Router, RouterOutput, register_router
 from modular.routing.capacity import expert_capacity
 from modular.routing.losses import z_loss
@@ -18,6 +19,26 @@ from modular.routing.topk import router_probs
 
 @register_router("expert_choice")
 class ExpertChoiceRouter(Router):
+    owns_capacity = True
+
+    @classmethod
+    def chooses_over_batch(cls, cfg, training: bool) -> bool:
+        return True
+
+    @classmethod
+    def experts_per_token(cls, cfg, num_experts: int) -> float:
+        return min(float(num_experts), float(cfg.capacity_factor) * int(cfg.top_k))
+
+    @classmethod
+    def routes_every_token(cls, cfg) -> bool:
+        return False  # an expert may pass over a token that no other expert picks
+
+    @classmethod
+    def validate_config(cls, cfg) -> None:
+        if cfg.capacity_factor is None:
+            raise ConfigError("routing.capacity_factor is null but the expert_choice router needs one; "
+                              "set e.g. routing.capacity_factor=1.0.")
+
     def __init__(self, cfg, num_experts: int):
         super().__init__(cfg, num_experts)
         self.capacity_factor = float(cfg.capacity_factor if cfg.capacity_factor is not None else 1.0)

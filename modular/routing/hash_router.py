@@ -21,6 +21,11 @@ def token_hash(token_ids: Tensor) -> Tensor:
 @register_router("hash")
 class HashRouter(Router):
     uses_token_ids = True
+    routes_by_logits = False
+
+    @classmethod
+    def weights_sum_to_one(cls, cfg) -> bool:
+        return True  # 1/k each
 
     def route(self, logits: Tensor, token_ids: Tensor | None) -> RouterOutput:
         if token_ids is None:

@@ -6,13 +6,19 @@ import torch
 from torch import Tensor
 
 
+def assignment_counts(expert_idx_A: Tensor, num_experts: int, dtype: torch.dtype = torch.int64) -> Tensor:
+    """[E] assignments per expert. Not torch.bincount: on a GPU it reads the largest id back to the host."""
+    ones = torch.ones_like(expert_idx_A, dtype=dtype)
+    return torch.zeros(num_experts, dtype=dtype, device=expert_idx_A.device).index_add_(0, expert_idx_A, ones)
+
+
 def load_balancing_loss(probs_TE: Tensor, expert_idx_A: Tensor, num_experts: int) -> Tensor:
     """Switch Transformer loss E · Σ_e f_e · P_e.
 
     f_e: the fraction of assignments routed to expert e (not differentiable); P_e: the mean router
     probability of e over tokens. Equals 1 when both are uniform, grows as routing concentrates.
     """
-    counts = torch.bincount(expert_idx_A, minlength=num_experts).to(probs_TE.dtype)
+    counts = assignment_counts(expert_idx_A, num_experts, probs_TE.dtype)
     f = counts / counts.sum().clamp_min(1)
     p = probs_TE.mean(dim=0)
     return num_experts * torch.sum(f * p)

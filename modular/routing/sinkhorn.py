@@ -29,6 +29,14 @@ def sinkhorn(logits: Tensor, iterations: int) -> Tensor:
 
 @register_router("sinkhorn")
 class SinkhornRouter(Router):
+    @classmethod
+    def chooses_over_batch(cls, cfg, training: bool) -> bool:
+        return training  # the balanced plan spans the batch; evaluation picks token by token
+
+    @classmethod
+    def weights_sum_to_one(cls, cfg) -> bool:
+        return bool(cfg.normalize)
+
     def __init__(self, cfg, num_experts: int):
         super().__init__(cfg, num_experts)
         self.iterations = int(cfg.sinkhorn_iters)

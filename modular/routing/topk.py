@@ -24,6 +24,25 @@ def router_probs(logits: Tensor, score: str) -> Tensor:
 
 @register_router("topk")
 class TopKRouter(Router):
+    per_expert_buffers = ("logit_offset", "expert_bias")
+
+    @classmethod
+    def weights_sum_to_one(cls, cfg) -> bool:
+        return bool(cfg.normalize)
+
+    @classmethod
+    def weight_at_zero_logits(cls, cfg, num_experts: int) -> float:
+        return 0.5 if cfg.score == "sigmoid" else 1.0 / num_experts
+
+    @classmethod
+    def softmax_top_k_misfits(cls, cfg) -> list[str]:
+        misfits = []
+        if cfg.score != "softmax":
+            misfits.append(f"routing.score={cfg.score}")
+        if cfg.bias_balancing:
+            misfits.append("routing.bias_balancing=true")
+        return misfits
+
     def __init__(self, cfg, num_experts: int):
         super().__init__(cfg, num_experts)
         self.score = cfg.score
@@ -42,8 +61,6 @@ class TopKRouter(Router):
             weight = weight / weight.sum(dim=-1, keepdim=True)
         token_idx, expert_flat, weight_flat = flat_token_choice(expert_idx, weight)
         probs = scores if self.score == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
-        if self.training and self.bias_balancing:
-            self._update_bias(expert_flat)
         return RouterOutput(
             token_idx=token_idx,
             expert_idx=expert_flat,
@@ -57,6 +74,9 @@ class TopKRouter(Router):
         )
 
     @torch.no_grad()
-    def _update_bias(self, expert_idx: Tensor) -> None:
-        load = torch.bincount(expert_idx, minlength=self.num_experts).to(self.expert_bias.dtype)
+    def update_selection(self, load_E: Tensor) -> None:
+        """DeepSeek-V3's step: raise the bias of under-loaded experts, lower it for over-loaded ones."""
+        if not self.bias_balancing:
+            return
+        load = load_E.to(self.expert_bias.dtype)
         self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)

@@ -250,16 +250,18 @@ def test_strategy_runs_end_to_end(strategy, files, tmp_path):
 def test_ewc_end_to_end_resumes_mid_stage_with_the_persisted_state(tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
+    from modular.continual.strategies.ewc import EWC
+
     lam = 1e4
     run = tmp_path / "ewc"
-    original = av.prepare_stage
+    original = EWC.attach
 
-    def stop_in_stage_1(run, model, stage, trainer):
-        original(run, model, stage, trainer)
+    def stop_in_stage_1(self, run, model, stage, trainer):
+        original(self, run, model, stage, trainer)
         if stage == 1:  # SIGINT during stage 1's first step: the Trainer saves step 1 and the stream stops
             trainer.loss_hooks.append(lambda batch, out: signal.raise_signal(signal.SIGINT) or 0.0)
 
-    monkeypatch.setattr(av, "prepare_stage", stop_in_stage_1)
+    monkeypatch.setattr(EWC, "attach", stop_in_stage_1)
     assert main(["continual", *SMALL, "continual=ewc", f"continual.ewc_lambda={lam}", f"run.dir={run}"]) == 130
     assert len(json.loads((run / "continual_state.json").read_text())["stages"]) == 1
     step1 = run / "stages" / "01-de" / "checkpoints" / "step_0000001"
@@ -268,7 +270,7 @@ def test_ewc_end_to_end_resumes_mid_stage_with_the_persisted_state(tmp_path, mon
     saved = run / "avalanche" / "ewc_stage00.safetensors"
     saved.rename(tmp_path / "aside")
     capsys.readouterr()
-    monkeypatch.setattr(av, "prepare_stage", original)
+    monkeypatch.setattr(EWC, "attach", original)
     assert main(["continual", f"run.dir={run}"]) == 1
     err = capsys.readouterr().err
     assert "EWC importances" in err and "ewc_stage00" in err and len(err.strip().splitlines()) == 1
@@ -276,8 +278,8 @@ def test_ewc_end_to_end_resumes_mid_stage_with_the_persisted_state(tmp_path, mon
 
     penalties = []
 
-    def record_penalties(run, model, stage, trainer):
-        original(run, model, stage, trainer)
+    def record_penalties(self, run, model, stage, trainer):
+        original(self, run, model, stage, trainer)
         ewc = trainer.loss_hooks[-1]
 
         def spy(batch, out):
@@ -287,7 +289,7 @@ def test_ewc_end_to_end_resumes_mid_stage_with_the_persisted_state(tmp_path, mon
 
         trainer.loss_hooks[-1] = spy
 
-    monkeypatch.setattr(av, "prepare_stage", record_penalties)
+    monkeypatch.setattr(EWC, "attach", record_penalties)
     assert main(["continual", f"run.dir={run}"]) == 0
     r = report(run)
     assert r["strategy"] == "ewc" and len(r["matrix"]) == 2

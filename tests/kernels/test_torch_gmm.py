@@ -20,6 +20,7 @@ from modular.kernels.torch_gmm import (
     torch_grouped_mm,
     torch_swiglu_moe,
 )
+from modular.models.dispatchers import FusedTorchSwiGLU, LocalDispatcher
 from modular.models.moe import MoELayer
 
 IMPLS = ["grouped_mm", "segments", "padded_bmm"]
@@ -225,8 +226,7 @@ def test_layer_fused_step_equals_generic_path(num_banks):
     upstream = torch.randn(40, 16)
     results = []
     for fused in (True, False):
-        layer.fused_swiglu = fused
-        assert layer._can_fuse_swiglu(x) == fused
+        layer.dispatcher = FusedTorchSwiGLU() if fused else LocalDispatcher()
         xi = x.clone().requires_grad_(True)
         y = layer(xi)
         params = [p for p in layer.parameters() if p.requires_grad]

@@ -131,7 +131,7 @@ def scenario_equivalence(ctx, out: Path, args: dict) -> dict:
 
 def scenario_layer_uneven(ctx, out: Path, args: dict) -> dict:
     """One MoE layer, uneven and empty token sets per rank; loss = Σ y·c (sums, so ranks simply add up)."""
-    from modular.parallel.expert_parallel import ParallelMoE, shard_bank
+    from modular.parallel.expert_parallel import ExpertPlacement, shard_bank
 
     results = {}
     for case in args["cases"]:
@@ -139,9 +139,9 @@ def scenario_layer_uneven(ctx, out: Path, args: dict) -> dict:
         sizes = case["sizes"]
         start = sum(sizes[: ctx.rank])
         mine = slice(start, start + sizes[ctx.rank])
-        layer.parallel = ParallelMoE(ctx)
         for bank in layer.banks:
             shard_bank(bank, ctx)
+        layer.place(ExpertPlacement(ctx))
         layer.train()
         x = x_TD[mine].clone().requires_grad_(True)
         y = layer(x)
