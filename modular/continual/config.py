@@ -9,11 +9,29 @@ rate, review the router, distil from the previous model, merge back to a budget.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 INITS = ("random", "copy", "mean", "upcycle")
 ROUTER_INITS = ("copy", "mean", "zero", "random", "masked", "contrast")
-FREEZABLE = ("old_experts", "old_router", "attention", "embeddings", "norms", "dense_ffn", "shared_experts")
+FREEZABLE = ("old_experts", "old_router", "attention", "embeddings", "norms", "dense_ffn", "shared_experts",
+             "old_adapters")
+INFERENCE_METHODS = ("classifier", "likelihood")
+INFERENCE_MODES = ("hard", "soft")
+
+
+@dataclass
+class InferenceConfig:
+    """How a domain-routed model picks the route of text that has no domain label (evaluation, generation,
+    export reports): a per-sequence domain posterior from the prefix."""
+
+    method: str = "classifier"  # classifier (hashed n-grams, trained as domains arrive) | likelihood (p(prefix | route))
+    mode: str = "hard"  # hard: the most likely domain's route | soft: mix the routes' predictions by the posterior
+    prefix: int = 64  # tokens of each sequence the posterior is computed from
+    min_posterior: float = 0.5  # below it no seen domain is likely: the anchor route (the base model)
+    buckets: int = 65536  # classifier: hashed n-gram features (1-, 2- and 3-grams of token ids)
+    steps: int = 200  # classifier: optimizer steps after each stage, on all seen domains
+    batch_size: int = 64  # classifier: windows per step
+    lr: float = 0.05
 MERGE_METHODS = ("frequency", "cluster", "task_arithmetic", "ties")
 
 
@@ -56,6 +74,14 @@ class ContinualConfig:
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
     avalanche_mem_size: int = 200  # avalanche_replay: windows kept in the replay buffer
+    # domain-owned routing (isolate): each domain's rows use the anchor bank, the bank added for it and the
+    # banks of the domains domain_banks lists for it; its own low-rank trunk deltas (adapter_*); and the
+    # route of unlabelled text is inferred per sequence (inference.*)
+    domain_banks: Dict[str, List[str]] = field(default_factory=dict)
+    adapter_targets: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    adapter_rank: int = 8
+    adapter_alpha: Optional[float] = None  # the deltas are scaled by alpha / rank; null = rank (scale 1)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     # evaluation
     eval_batches: int = 8  # validation batches per domain after every stage
     usage_batches: int = 4  # batches of the new domain in the routing pass that picks experts to copy

@@ -50,15 +50,17 @@ def _check_same_type(layer: MoELayer, op: str) -> None:
 
 
 @torch.no_grad()
-def measure_usage(model: ModularLM, batches) -> dict[int, Tensor]:
-    """Tokens routed to each expert of every MoE layer over `batches` (inputs [B, T] tensors), eval mode."""
+def measure_usage(model: ModularLM, batches, domain_ids=None) -> dict[int, Tensor]:
+    """Tokens routed to each expert of every MoE layer over `batches` (inputs [B, T] tensors), eval mode;
+    `domain_ids`: each batch's row domains, for a domain-routed model (default: its plain forward)."""
     was_training = model.training
     model.eval()
     usage: dict[int, Tensor] = {}
     device = next(model.parameters()).device
     try:
-        for inputs in batches:
-            model(inputs.to(device))
+        for j, inputs in enumerate(batches):
+            routing = {} if domain_ids is None else {"domain_ids": domain_ids[j]}
+            model(inputs.to(device), **routing)
             for i, stats in model.moe_stats().items():
                 counts = stats["tokens_per_expert"].to(torch.float64)
                 usage[i] = usage.get(i, torch.zeros_like(counts)) + counts
@@ -138,8 +140,9 @@ def add_experts(layer: MoELayer, num_new: int, *, init: str = "copy", copy_from:
                 router_init: str = "copy", usage: Tensor | None = None, noise: float = 0.0,
                 generator: torch.Generator | None = None,
                 domain_inputs: tuple[RouterInputs, RouterInputs] | None = None,
-                margin: float = 1.0) -> ExpertBank:
-    """Append a bank of `num_new` experts to `layer`; top_k (compute per token) is unchanged.
+                margin: float = 1.0, domain: str | None = None) -> ExpertBank:
+    """Append a bank of `num_new` experts to `layer` (added for `domain`, when it owns them); top_k (compute
+    per token) is unchanged.
 
     init: random (fresh), copy (of the most-used experts by `usage`, or of all experts cyclically),
     mean (the average expert), upcycle (the usage-weighted average expert: the layer collapsed into one
@@ -207,7 +210,7 @@ def add_experts(layer: MoELayer, num_new: int, *, init: str = "copy", copy_from:
         bank.router_weight.add_(noise * old_rows.std() * torch.randn(bank.router_weight.shape, generator=generator,
                                                                      dtype=bank.router_weight.dtype))
     bank.to(device=old_rows.device, dtype=old_rows.dtype)
-    layer.add_bank(bank)
+    layer.add_bank(bank, domain)
     if router_init == "masked":
         layer.router.logit_offset[old_e:] = MASKED_LOGIT
     layer.expert_parents[old_e:] = sources  # copies descend from their source; other inits have no parent
@@ -223,12 +226,13 @@ def unmask_experts(model: ModularLM) -> None:
 # -- freeze -----------------------------------------------------------------------------------
 
 
-def freeze(model: ModularLM, targets: list[str], old_banks: dict[int, int] | None = None) -> list[str]:
+def freeze(model: ModularLM, targets: list[str], old_banks: dict[int, int] | None = None,
+           current_domain: str | None = None) -> list[str]:
     """Freeze parts of the model (requires_grad=False): no gradient, no step, no decay, no moments.
 
-    targets ⊆ old_experts, old_router, attention, embeddings, norms, dense_ffn, shared_experts.
-    `old_banks` gives, per MoE layer index, how many leading banks are "old" (default: all but the last).
-    Returns the names of the parameters frozen.
+    targets ⊆ old_experts, old_router, attention, embeddings, norms, dense_ffn, shared_experts, old_adapters
+    (every domain delta but `current_domain`'s). `old_banks` gives, per MoE layer index, how many leading
+    banks are "old" (default: all but the last). Returns the names of the parameters frozen.
     """
     from modular.continual.config import FREEZABLE
 
@@ -266,6 +270,13 @@ def freeze(model: ModularLM, targets: list[str], old_banks: dict[int, int] | Non
                 frozen.append(f"layers.{i}.mlp.banks.{b}.router_weight")
         if "shared_experts" in targets and moe.shared_experts is not None:
             off(f"layers.{i}.mlp.shared_experts", moe.shared_experts)
+    if "old_adapters" in targets:
+        containers = [(f"layers.{i}.adapters", layer.adapters) for i, layer in enumerate(model.layers)]
+        for prefix, container in [*containers, ("adapters", model.adapters)]:
+            for place, adapters in container.items():
+                for domain, delta in adapters.deltas.items():
+                    if domain != current_domain:
+                        off(f"{prefix}.{place}.deltas.{domain}", delta)
     if "embeddings" in targets:
         off("embed_tokens", model.embed_tokens)
         if model.lm_head.weight is not model.embed_tokens.weight:  # tied: already frozen with the embedding
@@ -471,3 +482,72 @@ def carry_optimizer_state(old_optimizer: torch.optim.Optimizer, new_optimizer: t
                     else:  # the step count: bias correction follows the survivors'
                         state[key] = value.clone() if torch.is_tensor(value) else value
                 new_optimizer.state[p] = state
+
+
+# -- domains: domain-owned routes and trunk adapters ------------------------------------------
+
+
+def register_domain(model: ModularLM, domain: str) -> int:
+    """Make `domain` one the model routes by (idempotent); returns its domain id."""
+    if domain not in model.domains:
+        model.domains.append(domain)
+    return model.domains.index(domain)
+
+
+def set_domain_route(model: ModularLM, domain: str, banks_of: list[str] | None = None) -> None:
+    """Domain-owned experts: rows of `domain` may use the anchor bank (bank 0) plus the banks added for
+    `domain` and for the domains in `banks_of` (continual.domain_banks); nothing else.
+
+    The bank added for a domain is the one that records it in `MoELayer.bank_domains`.
+    """
+    d = register_domain(model, domain)
+    for layer in model.moe_layers:
+        owners = layer.bank_domains
+        if len(owners) < len(layer.banks):  # banks added before their owner was recorded: anchor / unknown
+            owners.extend([None] * (len(layer.banks) - len(owners)))
+        uses = {domain, *(banks_of or [])}
+        start, allowed = 0, []
+        for b, bank in enumerate(layer.banks):
+            if b == 0 or owners[b] in uses:
+                allowed.extend(range(start, start + bank.num_experts))
+            start += bank.num_experts
+        access = list(layer.domain_access or [])
+        access.extend([list(range(layer.banks[0].num_experts))] * (d + 1 - len(access)))
+        access[d] = allowed
+        layer.set_domain_access(access)
+
+
+@torch.no_grad()
+def add_adapters(model: ModularLM, domain: str, targets: list[str], rank: int, alpha: float | None = None,
+                 generator: torch.Generator | None = None) -> list[str]:
+    """Give `domain` its own zero-initialised deltas on the trunk places `targets` name
+    (models/adapters.py: q_proj, k_proj, v_proj, o_proj, dense_ffn, norms, embeddings, lm_head).
+
+    Returns the qualified names of the new parameters.
+    """
+    from modular.models.adapters import ADAPTER_PLACES, DomainAdapters, make_delta
+
+    alpha = float(alpha if alpha is not None else rank)
+    register_domain(model, domain)
+    places = [p for t in targets for p in ADAPTER_PLACES[t]]
+    new = []
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+
+    def attach(container, key: str, layer, prefix: str) -> None:
+        delta = make_delta(model, layer, key, rank, alpha, generator).to(device=device, dtype=dtype)
+        if key not in container:
+            container[key] = DomainAdapters()
+        container[key].add(domain, delta)
+        new.extend(f"{prefix}.{key}.deltas.{domain}.{n}" for n, _ in delta.named_parameters())
+
+    for i, layer in enumerate(model.layers):
+        for place in places:
+            if place in ("embed_tokens", "lm_head", "norm"):
+                continue
+            if place in ("gate_proj", "up_proj", "down_proj") and layer.is_moe:
+                continue  # MoE layers get their domain's capacity from its own expert bank
+            attach(layer.adapters, place, layer, f"layers.{i}.adapters")
+    for place in places:
+        if place in ("embed_tokens", "lm_head", "norm"):
+            attach(model.adapters, place, None, "adapters")
+    return new

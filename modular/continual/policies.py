@@ -336,3 +336,158 @@ class Merging(Policy):
     def old_banks_after(self, model) -> dict[int, int]:
         """After a merge every MoE layer holds the kept original bank and one merged bank."""
         return {i: 1 for i, layer in enumerate(model.layers) if layer.is_moe}
+
+
+# -- domain-owned routing (isolate) ---------------------------------------------------------------
+
+ISOLATE_FREEZE = ["old_experts", "old_router", "attention", "embeddings", "norms", "dense_ffn", "shared_experts",
+                  "old_adapters"]
+
+
+class DomainRoutes(Policy):
+    """Domain-owned experts: the first domain's bank is the shared anchor; every later domain gets a bank
+    of continual.add_experts experts of its own, and its rows are routed by the learned top-k router among
+    the anchor's experts and its own (plus continual.domain_banks[domain]'s) only."""
+
+    @classmethod
+    def validate(cls, cfg, world_size: int) -> None:
+        from modular.config import experts_per_moe_layer
+        from modular.routing import ROUTER_REGISTRY
+
+        c, r = cfg.continual, cfg.routing
+        router = ROUTER_REGISTRY[r.type]
+        if not router.supports_expert_subsets or router.chooses_over_batch(r, training=True) or \
+                r.capacity_factor is not None:
+            raise ConfigError(f"continual.strategy={c.strategy} routes each domain among its own experts, which "
+                              f"needs a token-choice router without capacity (routing.type=topk), not "
+                              f"routing.type={r.type} with capacity_factor={r.capacity_factor}.")
+        if r.bias_balancing:
+            raise ConfigError(f"continual.strategy={c.strategy} keeps earlier domains' routing bitwise unchanged, but "
+                              "routing.bias_balancing=true moves every expert's selection bias while training; set "
+                              "routing.bias_balancing=false.")
+        counts = experts_per_moe_layer(cfg)
+        if not counts:
+            raise ConfigError(f"continual.strategy={c.strategy} gives each domain experts of its own, but the model "
+                              "has no MoE layer; use a model with moe_layers.")
+        if c.add_experts < 1:
+            raise ConfigError(f"continual.add_experts={c.add_experts} is not allowed with strategy {c.strategy}: a "
+                              "domain with no bank of its own has no experts to route to beyond the anchor; add at "
+                              "least 1 expert per stage.")
+        if r.top_k > min(counts):
+            raise ConfigError(f"routing.top_k={r.top_k} exceeds the anchor bank's {min(counts)} experts.")
+        ep = int(cfg.parallel.ep)
+        if c.add_experts % ep:
+            raise ConfigError(f"continual.add_experts={c.add_experts} cannot be split evenly over parallel.ep={ep} "
+                              f"ranks; add a multiple of {ep} experts per stage.")
+        stream = list(c.stream)
+        for domain, others in dict(c.domain_banks).items():
+            if domain not in stream:
+                raise ConfigError(f"continual.domain_banks names domain '{domain}', which is not in continual.stream "
+                                  f"({', '.join(stream)}).")
+            for other in others:
+                if other not in stream or stream.index(other) == 0:
+                    raise ConfigError(f"continual.domain_banks.{domain} names '{other}', which has no bank to route "
+                                      f"to; name later domains of continual.stream ({', '.join(stream[1:])}).")
+                if stream.index(other) > stream.index(domain):
+                    raise ConfigError(f"continual.domain_banks.{domain} names '{other}', whose bank is added after "
+                                      f"{domain}'s stage; a domain may use the banks of earlier domains only.")
+
+    def grow(self, run, model, s: int) -> dict[int, int] | None:
+        from modular.models.domain_classifier import DomainClassifier
+
+        c = self.c
+        domain = c.stream[s]
+        if model.domain_classifier is None:
+            model.domain_classifier = DomainClassifier(c.inference.buckets).to(model.embed_tokens.weight.device)
+        if s == 0:
+            lifecycle.set_domain_route(model, domain)  # the anchor: bank 0
+            return None
+        old_banks = {i: len(layer.mlp.banks) for i, layer in enumerate(model.layers) if layer.is_moe}
+        with run.full_experts(model):
+            # copy init from the experts the new domain's text uses under the anchor route (no domain id yet)
+            usage = run.usage_on(model, domain) if c.init in ("copy", "upcycle") else {}
+            g = torch.Generator().manual_seed(self.cfg.seed * 1000 + s)
+            for i, layer in enumerate(model.layers):
+                if layer.is_moe:
+                    lifecycle.add_experts(layer.mlp, c.add_experts, init=c.init, copy_from=c.copy_from,
+                                          router_init="copy" if c.router_init == "contrast" else c.router_init,
+                                          usage=usage.get(i), noise=c.noise, generator=g, domain=domain)
+        lifecycle.set_domain_route(model, domain, list(dict(c.domain_banks).get(domain, [])))
+        model.domain_classifier.resize(len(model.domains))
+        return old_banks
+
+
+class TrunkAdapters(Policy):
+    """Domain-owned trunk capacity: every domain after the first gets zero-initialised low-rank deltas on
+    continual.adapter_targets (rank continual.adapter_rank), applied to its rows only."""
+
+    @classmethod
+    def validate(cls, cfg, world_size: int) -> None:
+        from modular.models.adapters import TARGETS
+
+        c, m = cfg.continual, cfg.model
+        for target in c.adapter_targets:
+            if target not in TARGETS:
+                raise ConfigError(f"continual.adapter_targets contains '{target}', which does not exist; adapter "
+                                  f"targets are: {', '.join(TARGETS)}.")
+        if not (isinstance(c.adapter_rank, int) and c.adapter_rank >= 1):
+            raise ConfigError(f"continual.adapter_rank={c.adapter_rank} is not allowed; it must be an integer >= 1.")
+        if c.adapter_targets:
+            head_dim = m.d_model // m.n_heads
+            widths = {"q_proj": m.d_model, "o_proj": m.d_model, "k_proj": m.n_kv_heads * head_dim,
+                      "v_proj": m.n_kv_heads * head_dim, "dense_ffn": min(m.d_model, m.ffn_dim),
+                      "lm_head": min(m.d_model, m.vocab_size), "embeddings": m.d_model, "norms": m.d_model}
+            narrowest = min(c.adapter_targets, key=lambda t: widths[t])
+            if c.adapter_rank > widths[narrowest]:
+                raise ConfigError(f"continual.adapter_rank={c.adapter_rank} is larger than {narrowest}, whose "
+                                  f"narrowest side is {widths[narrowest]}; use a rank <= {widths[narrowest]}.")
+        if c.adapter_alpha is not None and not c.adapter_alpha > 0:
+            raise ConfigError(f"continual.adapter_alpha={c.adapter_alpha} is not allowed; it must be > 0 (or null).")
+
+    def grow(self, run, model, s: int) -> dict[int, int] | None:
+        if s > 0 and self.c.adapter_targets:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1000 + 500 + s)
+            lifecycle.add_adapters(model, self.c.stream[s], list(self.c.adapter_targets), self.c.adapter_rank,
+                                   self.c.adapter_alpha, generator=g)
+        return None
+
+
+class DomainFreezing(Policy):
+    """After the first stage the shared trunk, every earlier bank and router row and every earlier domain's
+    deltas are frozen: what an earlier domain computes cannot move."""
+
+    def freeze(self, run, model, s: int, old_banks: dict[int, int] | None) -> None:
+        if s > 0:
+            lifecycle.freeze(model, ISOLATE_FREEZE, old_banks, current_domain=self.c.stream[s])
+
+
+class ClassifierTraining(Policy):
+    """After every stage the domain classifier learns the domains seen so far (the new one and replayed
+    windows of the earlier ones), so unlabelled text can be routed."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.flops = 0.0
+        self.result: dict = {}
+
+    def after_stage(self, run, model, s: int, optimizer, old_banks):
+        inf = self.c.inference
+        self.flops = 0.0
+        if inf.method != "classifier":
+            return optimizer
+        seen = list(self.c.stream)[: s + 1]
+        # windows as long as the longest prefix accuracy is reported at (256), so every prefix length trains
+        loader = run.loader({d: 1.0 for d in seen}, seed_offset=30_000 + s, sharded=False, batch_size=inf.batch_size,
+                            seq_len=max(self.cfg.train.seq_len, 256))
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + 700 + s)
+
+        def sample(step):
+            batch = next(loader)
+            return batch.inputs, model.domain_ids_of(batch.domain_names, batch.domain_ids)
+
+        self.result = model.domain_classifier.fit(sample, inf.steps, inf.lr, g)
+        self.flops = self.result["flops"]
+        return optimizer
+
+    def extra_flops(self, s: int, tokens: int, params_before: dict) -> float:
+        return self.flops

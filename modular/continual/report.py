@@ -19,7 +19,7 @@ def build_report(cfg, state: dict) -> dict:
     initial = [state["initial"][d] for d in domains]
     metrics = summarize_matrix(matrix, initial) if matrix else {}
     flops = [st["flops"] for st in stages]
-    return {
+    report = {
         "strategy": cfg.continual.strategy,
         "domains": domains,
         "stages": [{"stage": st["stage"], "domain": st["domain"], "steps": st["steps"], "tokens": st["tokens"],
@@ -40,8 +40,23 @@ def build_report(cfg, state: dict) -> dict:
             or abs(st.get("params_active_before") - st["params_active"]) <= 0.01 * st["params_active"]
             for st in stages
         ),
+        # active parameters per token of the final model over the first stage's (growth should keep it ~1)
+        "active_params_ratio": (stages[-1]["params_active"] / stages[0]["params_active"]) if stages else None,
         "routing": [st["routing"] for st in stages],
     }
+    if any("eval_oracle" in st for st in stages):  # a domain-routed run: the matrix above is under inferred routing
+        oracle = [[st["eval_oracle"][d]["ppl"] for d in domains] for st in stages]
+        report.update({
+            "routing_mode": "inferred",
+            "matrix_oracle": oracle,
+            "oracle": summarize_matrix(oracle, initial) if oracle else {},
+            "domain_accuracy": [st.get("domain_accuracy", {}) for st in stages],
+            "routed_as": [st.get("routed_as", {}) for st in stages],
+            "leak": [st.get("leak", {}) for st in stages],
+            "inference": stages[-1].get("inference"),
+            "routing_oracle": [st.get("routing_oracle", {}) for st in stages],
+        })
+    return report
 
 
 def _fmt(x, digits: int = 2) -> str:
@@ -52,12 +67,12 @@ def _fmt(x, digits: int = 2) -> str:
     return str(x)
 
 
-def markdown_matrix(report: dict) -> str:
+def markdown_matrix(report: dict, key: str = "matrix") -> str:
     domains = report["domains"]
     lines = ["| after stage | " + " | ".join(domains) + " | mean |", "|---|" + "---:|" * (len(domains) + 1)]
     lines.append("| (initial) | " + " | ".join(_fmt(x) for x in report["initial"]) + " | "
                  + _fmt(sum(report["initial"]) / len(domains)) + " |")
-    for st, row in zip(report["stages"], report["matrix"]):
+    for st, row in zip(report["stages"], report[key]):
         lines.append(f"| {st['stage']} {st['domain']} | " + " | ".join(_fmt(x) for x in row) + " | "
                      + _fmt(sum(row) / len(row)) + " |")
     return "\n".join(lines)
@@ -65,8 +80,16 @@ def markdown_matrix(report: dict) -> str:
 
 def markdown(report: dict) -> str:
     domains = report["domains"]
-    out = [f"# Continual run: {report['strategy']}, stream {' → '.join(domains)}", "",
-           "## Validation perplexity R[stage][domain]", "", markdown_matrix(report), ""]
+    out = [f"# Continual run: {report['strategy']}, stream {' → '.join(domains)}", ""]
+    if "matrix_oracle" in report:
+        out += ["## Validation perplexity R[stage][domain], routed by the inferred domain", "",
+                ("Each validation sequence takes the route its prefix's domain posterior picks "
+                 f"({report['inference']['method']}, {report['inference']['prefix']} tokens, "
+                 f"{report['inference']['mode']} routing): no labels."), "", markdown_matrix(report), "",
+                "## The same under oracle routing (each sequence's true domain)", "",
+                markdown_matrix(report, "matrix_oracle"), ""]
+    else:
+        out += ["## Validation perplexity R[stage][domain]", "", markdown_matrix(report), ""]
     if report["matrix"]:
         out += ["## Forgetting and transfer", "",
                 "| domain | plasticity (ppl after its stage) | forgetting (ppl) | forgetting (%) |",
@@ -92,6 +115,19 @@ def markdown(report: dict) -> str:
     out += ["", (f"Total: {report['tokens_total']:,} tokens, {report['flops_total']:.3e} training FLOPs. "
                  f"Active parameters per token {'stay the same as experts are added (top-k unchanged)' if report['active_params_unchanged_by_growth'] else 'changed across stages'}."),
             ""]
+    if report.get("domain_accuracy"):
+        final = report["domain_accuracy"][-1]
+        out += ["## Domain inference (final model)", "",
+                "| domain | accuracy @16 | @64 | @256 | routed as (validation sequences) |", "|---|---:|---:|---:|---|"]
+        for d, acc in final.items():
+            routed = ", ".join(f"{k} {v:.0%}" for k, v in report["routed_as"][-1].get(d, {}).items() if v)
+            out.append(f"| {d} | {_fmt(acc.get('16'), 3)} | {_fmt(acc.get('64'), 3)} | {_fmt(acc.get('256'), 3)} | "
+                       f"{routed} |")
+        leak = report["leak"][-1]
+        leaks = ", ".join(f"{d} {v:.1%}" for d, v in leak.items()) or "–"
+        out += ["", f"- leak (share of an earlier domain's sequences routed to a later domain): {leaks}",
+                (f"- inference cost: {report['inference']['flops_per_sequence']:.3g} FLOPs per sequence "
+                 f"({report['inference']['method']})"), ""]
     if any(report["routing"]):
         out += ["## Routing: share of each domain's tokens per expert bank (after each stage)", ""]
         for st, routing in zip(report["stages"], report["routing"]):
@@ -143,19 +179,23 @@ def write_plots(folder: Path, report: dict) -> list[Path]:
         ax.legend()
         ax.set_title("Perplexity per domain across stages")
         written.append(_save(fig, folder / "perplexity.png"))
-    routing = report["routing"][-1] if report["routing"] else {}
-    if routing:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        width = max(len(v) for v in routing.values())
-        bottom = [0.0] * len(routing)
-        names = list(routing)
-        for b in range(width):
-            shares = [routing[d][b] if b < len(routing[d]) else 0.0 for d in names]
-            ax.bar(names, shares, bottom=bottom, label=f"bank {b}")
-            bottom = [x + y for x, y in zip(bottom, shares)]
-        ax.set_ylabel("share of routed tokens")
-        ax.set_title("Expert-bank usage per domain (final model)")
-        ax.legend()
+    panels = [("routing", "inferred routing" if "routing_oracle" in report else "")]
+    if "routing_oracle" in report:
+        panels.append(("routing_oracle", "oracle routing"))
+    finals = [(report[key][-1] if report[key] else {}, title) for key, title in panels]
+    if finals[0][0]:
+        fig, axes = plt.subplots(1, len(finals), figsize=(6 * len(finals), 4), squeeze=False)
+        for ax, (routing, title) in zip(axes[0], finals):
+            width = max(len(v) for v in routing.values())
+            bottom = [0.0] * len(routing)
+            names = list(routing)
+            for b in range(width):
+                shares = [routing[d][b] if b < len(routing[d]) else 0.0 for d in names]
+                ax.bar(names, shares, bottom=bottom, label=f"bank {b}")
+                bottom = [x + y for x, y in zip(bottom, shares)]
+            ax.set_ylabel("share of routed tokens")
+            ax.set_title("Expert-bank usage per domain (final model)" + (f", {title}" if title else ""))
+            ax.legend()
         written.append(_save(fig, folder / "routing.png"))
     return written
 

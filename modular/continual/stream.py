@@ -23,6 +23,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -150,18 +151,20 @@ class ContinualRun:
     def stage_schedule(self, steps: int, lr: float | None = None):
         return stage_config(self.cfg, steps, lr)
 
-    def loader(self, weights: dict[str, float], seed_offset: int, sharded: bool = True):
+    def loader(self, weights: dict[str, float], seed_offset: int, sharded: bool = True, batch_size: int | None = None,
+               seq_len: int | None = None):
         """The mixture's batches: under torchrun each rank's rows of one global batch, or (sharded=False)
-        the whole global batch on every rank, for passes that every rank must see alike."""
+        the whole global batch on every rank, for passes that every rank must see alike. Batch size and
+        window length default to train.batch_size and train.seq_len."""
         from modular.data.loader import MixtureLoader
 
         t, p = self.cfg.train, self.parallel
-        batch_size, shard = t.batch_size, {}
+        batch_size, shard = batch_size or t.batch_size, {}
         if p is not None and sharded:
             shard = {"shard": p.rank, "num_shards": p.world_size}
         elif p is not None:
-            batch_size = t.batch_size * p.world_size
-        return MixtureLoader.from_config(self.cfg.data, batch_size, t.seq_len, weights=weights,
+            batch_size = batch_size * p.world_size
+        return MixtureLoader.from_config(self.cfg.data, batch_size, seq_len or t.seq_len, weights=weights,
                                          seed=self.cfg.seed + seed_offset, progress=t.progress, tokenizer=self.tokenizer,
                                          **shard)
 
@@ -201,24 +204,91 @@ class ContinualRun:
         if self.main:
             print(text)
 
-    def _evaluate(self, model) -> dict:
+    def _evaluate(self, model, route=None) -> dict:
         from modular.train.evaluate import evaluate
         from modular.train.trainer import autocast_for, resolve_device
 
         device = resolve_device(self.cfg.train.device)
-        return evaluate(model, self.val_sets, device, autocast_for(self.cfg.train.dtype, device))
+        return evaluate(model, self.val_sets, device, autocast_for(self.cfg.train.dtype, device), route=route)
+
+    def oracle_route(self, model):
+        """route(domain, inputs): every row of a domain's validation set takes that domain's route (the anchor
+        route for a domain the model has not seen yet)."""
+        def route(domain, inputs):
+            d = model.domains.index(domain) if domain in model.domains else 0
+            return torch.full((inputs.shape[0],), d, dtype=torch.int64, device=inputs.device)
+
+        return route
+
+    def inferred_route(self, model, hard: bool = False):
+        """route(domain, inputs): the route the domain posterior of each row's prefix picks (no labels);
+        continual.inference.mode=soft gives mixture weights unless `hard`."""
+        from modular.continual.domain_inference import DomainRouter
+        from modular.train.trainer import autocast_for, resolve_device
+
+        router = DomainRouter(model, self.c.inference, autocast_for(self.cfg.train.dtype,
+                                                                    resolve_device(self.cfg.train.device)))
+        if hard:
+            return lambda domain, inputs: router.hard_route(router.posterior(inputs))
+        return lambda domain, inputs: router.route(inputs)
 
     @torch.no_grad()
-    def _routing_by_domain(self, model) -> dict:
-        """Share of each domain's routed assignments that each bank receives (averaged over MoE layers).
+    def _domain_inference_record(self, model, s: int) -> dict:
+        """Accuracy per seen domain at prefixes of 16, 64 and 256 tokens, where each domain's validation
+        sequences are routed (hard), the leak of earlier domains to later ones, and the inference cost."""
+        from modular.continual.domain_inference import DomainRouter, accuracy_at
+        from modular.models.summary import summarize
+
+        inf = self.c.inference
+        router = DomainRouter(model, inf)
+        device = next(model.parameters()).device
+        seen = list(self.c.stream)[: s + 1]
+        windows = {}
+        for domain in seen:
+            tokens = self.val_sets[domain].shard.tokens
+            n = min(64, (len(tokens) - 1) // 256)
+            if n >= 1:
+                windows[model.domains.index(domain)] = torch.as_tensor(
+                    np.array(tokens[: n * 256]).reshape(n, 256), dtype=torch.int64, device=device)
+        accuracy = accuracy_at(router, windows, (16, 64, 256)) if windows else {}
+        routed_as, leak = {}, {}
+        for domain in seen:
+            picks = torch.cat([router.hard_route(router.posterior(b.inputs.to(device))).cpu()
+                               for b in self.val_sets[domain]])
+            routed_as[domain] = {model.domains[k]: round(float((picks == k).double().mean()), 4)
+                                 for k in range(len(model.domains))}
+            j = model.domains.index(domain)
+            if j < s:  # an earlier domain: the share of its sequences a later domain's route took
+                leak[domain] = round(float((picks > j).double().mean()), 4)
+        if inf.method == "classifier":
+            per_sequence = model.domain_classifier.flops_per_sequence(inf.prefix)
+        else:  # one forward pass of the prefix per route
+            per_sequence = float(summarize(model, inf.prefix)["flops_per_token"]) * inf.prefix * len(model.domains)
+        return {
+            "domain_accuracy": {model.domains[k]: {str(p): round(acc[k], 4) for p, acc in accuracy.items()}
+                                for k in windows},
+            "routed_as": routed_as,
+            "leak": leak,
+            "inference": {"method": inf.method, "mode": inf.mode, "prefix": inf.prefix,
+                          "flops_per_sequence": per_sequence},
+        }
+
+    @torch.no_grad()
+    def _routing_by_domain(self, model, route=None) -> dict:
+        """Share of each domain's routed assignments that each bank receives (averaged over MoE layers),
+        with each domain's rows routed by `route` (default: the model's plain forward).
 
         Runs on the sharded model under torchrun: in evaluation every rank routes its own copy of the same
         batches, so the counts are the one-process counts and no expert needs gathering.
         """
         shares = {}
+        device = next(model.parameters()).device
         for domain, val in self.val_sets.items():
-            inputs = [b.inputs for i, b in enumerate(val) if i < 2]
-            usage = lifecycle.measure_usage(model, inputs)
+            batches = [b.inputs.to(device) for i, b in enumerate(val) if i < 2]
+            if route is None:
+                usage = lifecycle.measure_usage(model, batches)
+            else:
+                usage = lifecycle.measure_usage(model, batches, [route(domain, b) for b in batches])
             per_layer = []
             for i, counts in usage.items():
                 sizes = model.layers[i].mlp.bank_sizes()
@@ -286,7 +356,9 @@ class ContinualRun:
             strategy.after_training(self, model, s, trainer)
             optimizer = strategy.after_stage(self, model, s, optimizer, old_banks)
             review_tokens = strategy.extra_tokens()
-            results = self._evaluate(model)
+            by_domain = strategy.routes_by_domain
+            # a domain-routed model's honest matrix routes unlabelled text by the inferred domain
+            results = self._evaluate(model, self.inferred_route(model) if by_domain else None)
             after = summarize(model, self.cfg.train.seq_len)
             self.state["global_step"] += steps + strategy.extra_steps(s)
             old_banks = strategy.old_banks_after(model, old_banks)
@@ -307,10 +379,16 @@ class ContinualRun:
                 "experts_per_layer": {str(i): layer.mlp.num_experts for i, layer in enumerate(model.layers)
                                       if layer.is_moe},
                 "eval": {d: {"loss": r["loss"], "ppl": r["ppl"], "bpb": r["bpb"]} for d, r in results.items()},
-                "routing": self._routing_by_domain(model),
+                "routing": self._routing_by_domain(model, self.inferred_route(model, hard=True) if by_domain else None),
                 "old_banks": {str(k): v for k, v in (old_banks or {}).items()} or None,
-                "seconds": round(time.perf_counter() - t0, 1),
             }
+            if by_domain:
+                oracle = self._evaluate(model, self.oracle_route(model))
+                record["eval_oracle"] = {d: {"loss": r["loss"], "ppl": r["ppl"], "bpb": r["bpb"]}
+                                         for d, r in oracle.items()}
+                record["routing_oracle"] = self._routing_by_domain(model, self.oracle_route(model))
+                record.update(self._domain_inference_record(model, s))
+            record["seconds"] = round(time.perf_counter() - t0, 1)
             self._save_checkpoint(model, optimizer, s, domain, tokens)
             self.state["stages"].append(record)
             self._save_state()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modular.config import experts_per_moe_layer, moe_layer_indices
+from modular.models.adapters import adapted, place
 from modular.models.attention import Attention
 from modular.models.ffn import SwiGLUFFN
 from modular.models.moe import MoELayer
@@ -36,15 +37,23 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(d_model, norm_eps)
         self.post_attention_layernorm = RMSNorm(d_model, norm_eps)
         self.mlp = mlp
+        # Domain deltas on this layer's trunk, by place (q_proj…, gate_proj…, input_layernorm…): empty
+        # until a domain gets its own trunk capacity (models/adapters.py, continual.lifecycle.add_adapters).
+        self.adapters = nn.ModuleDict()
 
     @property
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoELayer)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: RoutingContext) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, ctx) if self.is_moe else self.mlp(h))
+        if not len(self.adapters):
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+            h = self.post_attention_layernorm(x)
+            return x + (self.mlp(h, ctx) if self.is_moe else self.mlp(h))
+        a = self.adapters
+        x = x + self.self_attn(self.input_layernorm(x, ctx, place(a, "input_layernorm")), cos, sin, ctx, a)
+        h = self.post_attention_layernorm(x, ctx, place(a, "post_attention_layernorm"))
+        return x + (self.mlp(h, ctx) if self.is_moe else self.mlp(h, ctx, a))
 
 
 class ModularLM(nn.Module):
@@ -70,6 +79,11 @@ class ModularLM(nn.Module):
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(m.d_model // m.n_heads, m.rope_theta)
+        # The domains the model routes by, in the order they arrived (RoutingContext.domain_ids index it),
+        # and the model-level domain deltas (embed_tokens, norm, lm_head); see models/adapters.py.
+        self.domains: list[str] = []
+        self.adapters = nn.ModuleDict()
+        self.domain_classifier = None  # models/domain_classifier.py, once domains are inferred from text
         self._init_weights(m.init_std)
         if m.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -93,19 +107,29 @@ class ModularLM(nn.Module):
         """input_ids [B, T]; targets [B, T] aligned with the inputs (already shifted), -100 = ignore;
         domain_ids [B]: each row's domain, for domain-owned routing (None: no domain routing)."""
         _, T = input_ids.shape
-        ctx = RoutingContext(token_ids=input_ids, domain_ids=domain_ids)
+        ctx = RoutingContext(token_ids=input_ids, domain_ids=domain_ids, domain_names=tuple(self.domains))
+        a = self.adapters
         x = self.embed_tokens(input_ids)  # [B, T, D]
+        if len(a):
+            x = a["embed_tokens"].add_to(x, input_ids, ctx) if "embed_tokens" in a else x
         positions = torch.arange(T, device=input_ids.device)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, ctx)
-        logits = self.lm_head(self.norm(x))  # [B, T, V]
+        h = self.norm(x, ctx, place(a, "norm")) if len(a) else self.norm(x)
+        logits = adapted(self.lm_head, h, place(a, "lm_head"), ctx)  # [B, T, V]
         moe = self.moe_layers
         aux = sum((layer.aux_loss for layer in moe), start=logits.new_zeros(())) if moe else logits.new_zeros(())
         if targets is None:
             return LMOutput(logits=logits, aux_loss=aux)
         lm_loss = F.cross_entropy(logits.float().reshape(-1, self.vocab_size), targets.reshape(-1), ignore_index=-100)
         return LMOutput(logits=logits, loss=lm_loss + aux, lm_loss=lm_loss, aux_loss=aux)
+
+    def domain_ids_of(self, names, indices: Tensor) -> Tensor:
+        """Domain ids (ModularLM.domains) of rows labelled `indices` into `names`; a domain the model does not
+        know takes the anchor route (0)."""
+        lookup = torch.tensor([self.domains.index(n) if n in self.domains else 0 for n in names], dtype=torch.int64)
+        return lookup.to(indices.device)[indices]
 
     def moe_stats(self) -> dict[int, dict]:
         """Routing statistics of the last forward, keyed by layer index."""

@@ -49,6 +49,12 @@ class MoELayer(nn.Module):
         self.reducer = LocalReducer()
         self.backend = backend
         self.dispatcher: Dispatcher = local_dispatcher(backend, self.banks)
+        # Domain-owned routing: for each domain id (ModularLM.domains), the global experts its rows may be
+        # routed to (a mask before top-k); None = every token may use every expert. Rows without a domain
+        # take domain 0's route (the anchor).
+        self.domain_access: list[list[int]] | None = None
+        self.bank_domains: list[str | None] = [None]  # the domain each bank was added for (None: anchor, shared)
+        self._access_tensors: dict[tuple, Tensor] = {}
         self.aux_loss: Tensor | None = None
         self._aux_losses: dict[str, Tensor] = {}
         self._stats: RoutingStats | None = None
@@ -81,16 +87,19 @@ class MoELayer(nn.Module):
         self.reducer = placement.reducer if placement is not None else LocalReducer()
         self.set_backend(self.backend)
 
-    def set_banks(self, banks: list[ExpertBank]) -> None:
+    def set_banks(self, banks: list[ExpertBank], owners: list[str | None] | None = None) -> None:
         """Replace the banks (merging, loading a grown structure); the router and parents follow the caller."""
         self.banks = nn.ModuleList(banks)
+        self.bank_domains = list(owners) if owners is not None else [None] * len(banks)
         self.set_backend(self.backend)
 
-    def add_bank(self, bank: ExpertBank) -> None:
-        """Append a bank of new experts (continual growth); the router follows the new expert count."""
+    def add_bank(self, bank: ExpertBank, domain: str | None = None) -> None:
+        """Append a bank of new experts (continual growth), added for `domain`; the router follows the new
+        expert count."""
         if self.placement is not None:  # expert parallel: this rank keeps its share of the new experts
             bank = self.placement.shard_bank(bank)
         self.banks.append(bank)
+        self.bank_domains = [*self.bank_domains, *[None] * (len(self.banks) - 1 - len(self.bank_domains)), domain]
         self.expert_parents = self.expert_parents + [None] * bank.num_experts
         self.router.resize(self.num_experts)
         self.set_backend(self.backend)
@@ -150,6 +159,10 @@ class MoELayer(nn.Module):
         """(assignments before capacity, after capacity, each expert's load over the global batch)."""
         router, T, E = self.router, x_TD.shape[0], self.num_experts
         ids_T = ctx.flat_token_ids()
+        if self.domain_access is not None:
+            routed = self._route_by_domain(x_TD, ctx, ids_T)
+            load_E = assignment_counts(routed.expert_idx, E)
+            return routed, routed, (self.reducer.sum(load_E) if global_batch else load_E)
         logits_TE = router.logits(x_TD, self.router_weight())
         if global_batch and (router.batch_global or self.capacity_factor is not None):
             # The choice depends on the whole batch: route over every rank's logits, keep this rank's rows.
@@ -176,6 +189,55 @@ class MoELayer(nn.Module):
             capacity = expert_capacity(T, E, self.top_k, self.capacity_factor)
             post = apply_capacity(pre, capacity, E, self.routing_cfg.drop_policy)
         return pre, post, load_E
+
+    def allowed_experts(self, domain: int, device) -> Tensor:
+        """[n] the global experts rows of `domain` may be routed to (ascending)."""
+        key = (domain, str(device))
+        if key not in self._access_tensors:
+            if not 0 <= domain < len(self.domain_access):
+                raise ValueError(f"domain id {domain} has no route in this layer ({len(self.domain_access)} domains).")
+            self._access_tensors[key] = torch.tensor(sorted(self.domain_access[domain]), dtype=torch.int64,
+                                                     device=device)
+        return self._access_tensors[key]
+
+    def set_domain_access(self, access: list[list[int]] | None) -> None:
+        """Which experts each domain may use (see `domain_access`)."""
+        self.domain_access = [sorted(int(e) for e in experts) for experts in access] if access is not None else None
+        self._access_tensors = {}
+
+    def _route_by_domain(self, x_TD: Tensor, ctx: RoutingContext, ids_T: Tensor | None) -> RouterOutput:
+        """Each domain's rows routed by the learned router among the experts the domain may use only.
+
+        Per domain present in the batch: logits over its experts (the router rows and per-expert state of
+        those experts alone, so what a domain computes never depends on another domain's experts), top-k,
+        expert ids mapped back to global ids. Losses are the token-weighted mean over the domains."""
+        router, T, E = self.router, x_TD.shape[0], self.num_experts
+        present = ctx.present_domains() or (0,)
+        token_domain = ctx.token_domains(T)
+        weight_ED = self.router_weight()
+        parts, losses = [], {}
+        probs_TE = x_TD.new_zeros((T, E), dtype=torch.promote_types(x_TD.dtype, torch.float32))
+        logits_TE = x_TD.new_full((T, E), float("-inf"))
+        for d in present:
+            allowed = self.allowed_experts(d, x_TD.device)
+            rows = None if len(present) == 1 else (token_domain == d).nonzero().squeeze(1)
+            x_g = x_TD if rows is None else x_TD.index_select(0, rows)
+            logits_g = router.logits(x_g, weight_ED.index_select(0, allowed), experts=allowed)
+            routed = router.route(logits_g, ids_T if rows is None or ids_T is None else ids_T[rows], experts=allowed)
+            token_idx = routed.token_idx if rows is None else rows[routed.token_idx]
+            parts.append((token_idx, allowed[routed.expert_idx], routed.weight))
+            if rows is None:
+                probs_TE = probs_TE.index_copy(1, allowed, routed.probs.to(probs_TE.dtype))
+                logits_TE = logits_TE.index_copy(1, allowed, routed.logits.to(logits_TE.dtype))
+            else:
+                probs_TE[rows.unsqueeze(1), allowed.unsqueeze(0)] = routed.probs.to(probs_TE.dtype)
+                logits_TE[rows.unsqueeze(1), allowed.unsqueeze(0)] = routed.logits.to(logits_TE.dtype)
+            share = 1.0 if rows is None else rows.numel() / max(T, 1)
+            for name, value in routed.losses.items():
+                losses[name] = losses.get(name, 0.0) + share * value
+        token_idx, expert_idx, weight = (torch.cat([p[j] for p in parts]) for j in range(3))
+        return RouterOutput(token_idx=token_idx, expert_idx=expert_idx, weight=weight, probs=probs_TE,
+                            logits=logits_TE, losses=losses)
 
     # -- what the last forward left -------------------------------------------------------------
     @property

@@ -12,8 +12,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ctx=None, adapters=None) -> Tensor:
+        """adapters: domain deltas on the scale (models/adapters.py), for their rows."""
         dtype = x.dtype
         h = x.to(torch.promote_types(dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        weight = self.weight if adapters is None else adapters.scale_for(self.weight, ctx, x.shape[0], x.dim())
+        return weight * h.to(dtype)

@@ -12,10 +12,24 @@ from modular.models.decoder import ModularLM
 
 
 def model_structure(model: ModularLM) -> dict:
-    """{layer index: [{"type", "experts"} per bank]} plus, under "parents", each expert's parent (or None)."""
-    structure = {str(i): [{"type": b.registry_name, "experts": b.num_experts} for b in layer.mlp.banks]
-                 for i, layer in enumerate(model.layers) if layer.is_moe}
-    structure["parents"] = {str(i): layer.mlp.expert_parents for i, layer in enumerate(model.layers) if layer.is_moe}
+    """{layer index: [{"type", "experts"} per bank]} plus, under "parents", each expert's parent (or None),
+    and, for domain-owned routing, "domains", the owner of each bank, each domain's experts and the
+    domain adapters."""
+    from modular.models.adapters import adapter_structure
+
+    moe = [(i, layer.mlp) for i, layer in enumerate(model.layers) if layer.is_moe]
+    structure = {str(i): [{"type": b.registry_name, "experts": b.num_experts} for b in layer.banks] for i, layer in moe}
+    structure["parents"] = {str(i): layer.expert_parents for i, layer in moe}
+    if model.domains:
+        structure["domains"] = {
+            "names": list(model.domains),
+            "bank_domains": {str(i): list(layer.bank_domains) for i, layer in moe},
+            "access": {str(i): layer.domain_access for i, layer in moe if layer.domain_access is not None},
+            "adapters": adapter_structure(model),
+        }
+        if model.domain_classifier is not None:
+            structure["domains"]["classifier"] = {"buckets": model.domain_classifier.buckets,
+                                                  "classes": model.domain_classifier.num_domains}
     return structure
 
 
@@ -24,6 +38,7 @@ def apply_structure(model: ModularLM, structure: dict) -> None:
     moe = {str(i): layer.mlp for i, layer in enumerate(model.layers) if layer.is_moe}
     structure = dict(structure)
     parents = structure.pop("parents", {})
+    domains = structure.pop("domains", None)
     if set(structure) != set(moe):
         raise CheckpointError(
             f"The checkpoint has MoE layers {sorted(structure, key=int)} but the model has {sorted(moe, key=int)}; "
@@ -45,3 +60,16 @@ def apply_structure(model: ModularLM, structure: dict) -> None:
     for key, layer_parents in parents.items():
         if key in moe and len(layer_parents) == moe[key].num_experts:
             moe[key].expert_parents = list(layer_parents)
+    if domains is not None:
+        from modular.models.adapters import rebuild_adapters
+
+        model.domains[:] = list(domains["names"])
+        for key, layer in moe.items():
+            layer.bank_domains = list(domains["bank_domains"].get(key, [None] * len(layer.banks)))
+            layer.set_domain_access(domains["access"].get(key))
+        rebuild_adapters(model, domains["adapters"])
+        if "classifier" in domains:
+            from modular.models.domain_classifier import DomainClassifier
+
+            c = domains["classifier"]
+            model.domain_classifier = DomainClassifier(c["buckets"], c["classes"]).to(model.embed_tokens.weight.device)

@@ -67,6 +67,13 @@ def summarize(model: ModularLM, seq_len: int | None = None) -> dict:
         else:
             entry.update(ffn_params=sum(p.numel() for p in layer.mlp.parameters()), ffn_dim=layer.mlp.ffn_dim)
         layers.append(entry)
+    # Domain deltas: a token uses its own domain's only (the largest domain's set counts as active).
+    per_domain: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if ".deltas." in name:
+            domain = name.split(".deltas.", 1)[1].split(".", 1)[0]
+            per_domain[domain] = per_domain.get(domain, 0) + p.numel()
+    active -= sum(per_domain.values()) - max(per_domain.values(), default=0)
     # matmul parameters: all active ones except the embedding lookup and the norm scales, plus the
     # output projection, which is a matmul even when tied to the embedding.
     norms = sum(p.numel() for n, p in model.named_parameters() if n.endswith("layernorm.weight") or n == "norm.weight")

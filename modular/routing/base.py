@@ -65,6 +65,8 @@ class Router(nn.Module):
     uses_token_ids = False  # hash routing needs the input token ids instead of the hidden states
     owns_capacity = False  # the router itself fixes how many tokens each expert takes (expert choice)
     routes_by_logits = True  # its choice follows the logits (so a masked logit offset keeps an expert unused)
+    # route(logits, token_ids, experts=ids) chooses among a subset of the experts (domain-owned routing)
+    supports_expert_subsets = False
     # Buffers with one entry per global expert: growth appends entries (zero), merges keep survivors'.
     per_expert_buffers: tuple[str, ...] = ("logit_offset",)
 
@@ -118,12 +120,14 @@ class Router(nn.Module):
         """Checks of routing.* that only this router needs; raise ConfigError with one sentence."""
 
     # -- compute ------------------------------------------------------------------------------
-    def logits(self, x: Tensor, router_weight: Tensor) -> Tensor:
-        """[T, E] logits: jitter (training), then x·Wᵀ plus the logit offsets."""
+    def logits(self, x: Tensor, router_weight: Tensor, experts: Tensor | None = None) -> Tensor:
+        """[T, E] logits: jitter (training), then x·Wᵀ plus the logit offsets. `experts`: the global ids of
+        router_weight's rows when it holds a subset of the experts."""
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x = x * noise
-        return x @ router_weight.t() + self.logit_offset.to(x.dtype)  # [T, E]
+        offset = self.logit_offset if experts is None else self.logit_offset[experts]
+        return x @ router_weight.t() + offset.to(x.dtype)  # [T, E]
 
     def forward(self, x: Tensor, router_weight: Tensor, token_ids: Tensor | None = None) -> RouterOutput:
         # x: [T, D]; router_weight: [E, D] (the concatenated router rows of every bank)

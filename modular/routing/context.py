@@ -2,12 +2,14 @@
 
 The decoder builds one `RoutingContext` per forward and hands it to every MoE layer (and adapter):
 the input token ids (hash routing), and per batch row the domain it belongs to (domain-owned experts
-route a row only among the experts its domain may use). Legend: B rows, T positions, N = B·T tokens.
+route a row only among the experts its domain may use; domain adapters apply to their rows). Domain
+ids index `domain_names`, the domains the model knows (ModularLM.domains). Legend: B rows, T
+positions, N = B·T tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -16,6 +18,16 @@ from torch import Tensor
 class RoutingContext:
     token_ids: Tensor | None = None  # [B, T] int64: the input token ids
     domain_ids: Tensor | None = None  # [B] int64: the domain of each row (None: no domain routing)
+    domain_names: tuple[str, ...] = ()  # what the domain ids index
+    _present: tuple[int, ...] | None = field(default=None, repr=False)
+
+    def present_domains(self) -> tuple[int, ...]:
+        """The distinct domain ids of the batch, ascending (read from the device once per forward)."""
+        if self.domain_ids is None:
+            return ()
+        if self._present is None:
+            self._present = tuple(sorted(set(self.domain_ids.reshape(-1).tolist())))
+        return self._present
 
     @staticmethod
     def of(value) -> RoutingContext:

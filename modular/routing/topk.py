@@ -25,6 +25,7 @@ def router_probs(logits: Tensor, score: str) -> Tensor:
 @register_router("topk")
 class TopKRouter(Router):
     per_expert_buffers = ("logit_offset", "expert_bias")
+    supports_expert_subsets = True
 
     @classmethod
     def weights_sum_to_one(cls, cfg) -> bool:
@@ -52,9 +53,11 @@ class TopKRouter(Router):
         # Selection-only bias; a buffer so it is saved in checkpoints but never trained by the optimizer.
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
 
-    def route(self, logits: Tensor, token_ids: Tensor | None) -> RouterOutput:
+    def route(self, logits: Tensor, token_ids: Tensor | None, experts: Tensor | None = None) -> RouterOutput:
+        """experts: the global ids of the logits' columns when they are a subset (domain-owned routing)."""
         scores = router_probs(logits, self.score)  # [T, E]
-        selection = scores + self.expert_bias.to(scores.dtype) if self.bias_balancing else scores
+        bias = self.expert_bias if experts is None else self.expert_bias[experts]
+        selection = scores + bias.to(scores.dtype) if self.bias_balancing else scores
         _, expert_idx = torch.topk(selection, self.top_k, dim=-1)  # [T, k]
         weight = scores.gather(-1, expert_idx)  # [T, k]
         if self.normalize:
@@ -68,7 +71,7 @@ class TopKRouter(Router):
             probs=probs,
             logits=logits,
             losses={
-                "load_balancing": load_balancing_loss(probs, expert_flat, self.num_experts),
+                "load_balancing": load_balancing_loss(probs, expert_flat, logits.shape[-1]),
                 "z_loss": z_loss(logits),
             },
         )

@@ -171,7 +171,7 @@ class Trainer:
             if self.parallel is not None:  # DDP reduces once per optimizer step, after the last micro-batch
                 data_parallel.set_grad_sync(self.forward_model, micro == accum - 1)
             with self.autocast():
-                out = self.forward_model(batch.inputs, batch.targets)
+                out = self.forward_model(batch.inputs, batch.targets, **self.routing_of(batch))
                 loss = out.loss
                 for hook in self.loss_hooks:  # e.g. distillation or EWC terms of a continual stage
                     loss = loss + hook(batch, out)
@@ -203,6 +203,12 @@ class Trainer:
         self.step += 1
         return {"loss": lm_total + aux_total, "lm_loss": lm_total, "aux_loss": aux_total, "lr": lr,
                 "grad_norm": grad_norm, "finite": finite}
+
+    def routing_of(self, batch) -> dict:
+        """The model's routing inputs for a batch: each row's domain id when the model routes by domain."""
+        if not self.model.domains:
+            return {}
+        return {"domain_ids": self.model.domain_ids_of(batch.domain_names, batch.domain_ids)}
 
     def moe_record(self) -> dict:
         record = {}

@@ -169,3 +169,25 @@ def test_what_cannot_run_in_parallel_is_refused_before_anything_is_written(env, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and fragment in err and len(err.strip().splitlines()) == 1, err
     assert not run.exists()
+
+
+def test_isolate_at_ep2_equals_one_process(tmp_path):
+    """Domain-owned routing under expert parallelism: every row's domain travels with it, each rank routes its
+    rows among their domain's experts, and the stream (oracle and inferred matrices) equals one process."""
+    isolate = [*COMMON, "continual=isolate", "continual.stream=[en,de]", "continual.adapter_rank=4",
+               "continual.inference.steps=20"]
+    single = tmp_path / "single"
+    assert main(["continual", *isolate, "train.batch_size=4", f"run.dir={single}"]) == 0
+    ep2 = tmp_path / "ep2"
+    proc = torchrun(["continual", *isolate, "train.batch_size=2", "parallel.ep=2", f"run.dir={ep2}"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_same_stream(ep2, single)
+    for a, b in zip(state(ep2)["stages"], state(single)["stages"]):
+        for domain, r in b["eval_oracle"].items():
+            assert a["eval_oracle"][domain]["ppl"] == pytest.approx(r["ppl"], rel=RTOL), (a["stage"], domain)
+    checkpoints = sorted((ep2 / ckpt.CHECKPOINT_DIR).iterdir())
+    before, after = (load_file(c / "model.safetensors") for c in checkpoints)
+    trained = [n for n in before if not n.startswith("domain_classifier.")]  # retrained after every stage
+    for name in trained:  # everything else stage 0 had is frozen in stage 1 (the anchor and the trunk)
+        old = after[name][: before[name].shape[0]] if ".router." in name else after[name]  # entries appended
+        assert torch.equal(old, before[name]), name

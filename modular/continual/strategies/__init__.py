@@ -9,6 +9,7 @@ from modular.continual.strategies import (  # noqa: F401  (registration)
     add_freeze_merge,
     avalanche_replay,
     ewc,
+    isolate,
     joint,
     lwf,
     naive,

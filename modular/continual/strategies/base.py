@@ -33,6 +33,7 @@ class Strategy:
 
     name = "strategy"
     one_process_only = False  # its state lives in one process (refused under torchrun)
+    routes_by_domain = False  # its model routes rows by domain: evaluated under oracle and inferred routing
 
     def __init__(self, cfg):
         self.cfg = cfg
