@@ -32,3 +32,14 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt or belongs to another model (exit code 1)."""
 
     exit_code = 1
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `condition` holds: the config validators' one-line check."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def require_positive_int(value, key: str) -> None:
+    require(isinstance(value, int) and value >= 1,
+            f"{key}={value} is not allowed; it must be an integer >= 1.")
