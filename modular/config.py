@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,10 +132,11 @@ def _check_override(override: str) -> None:
     if len(parts) == 1:
         if parts[0] in GROUP_SCHEMAS:
             presets = group_presets(parts[0])
+            if not presets:
+                raise ConfigError(f"The config folder {CONFIG_DIR} has no {parts[0]}/ presets, so {override} cannot be "
+                                  "chosen; set MODULAR_CONFIG_DIR to a configs/ folder (one subfolder per group).")
             if value not in presets:
-                raise ConfigError(
-                    f"Unknown {parts[0]} preset '{value}'; available presets are: {', '.join(presets) or 'none'}."
-                )
+                raise ConfigError(f"Unknown {parts[0]} preset '{value}'; available presets are: {', '.join(presets)}.")
         else:
             _check_value_type(key, override, top[parts[0]].type)
         return
@@ -203,24 +205,46 @@ def _check_value_type(key: str, override: str, annotation) -> None:
         )
 
 
+# Characters hydra's grammar gives a meaning to; a value holding none of them is a plain string.
+_STRUCTURAL = re.compile(r"['\"\[\]{}(),\\]")
+
+
+def quote_non_ascii(override: str) -> str:
+    """Quote a plain value with non-ASCII characters (run.dir=runs/café), which hydra's lexer cannot read bare."""
+    key, sep, value = override.partition("=")
+    if sep and not value.isascii() and not _STRUCTURAL.search(value) and "${" not in value:
+        return f"{key}='{value}'"
+    return override
+
+
+def parse_override(override: str):
+    """hydra's reading of one override (key_or_group, value(), is_change()...), or None when it cannot parse it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(quote_non_ascii(override))
+    except Exception:  # noqa: BLE001  (any parse failure: compose_config reports grammar errors itself)
+        return None
+
+
 def compose_config(overrides: list[str] | None = None, config_name: str = "config"):
     """Compose the hydra config from `configs/` and the overrides, then validate it. Returns a DictConfig."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    overrides = list(overrides or [])
+    overrides = [quote_non_ascii(o) for o in overrides or []]
+    if not CONFIG_DIR.is_dir():  # before the overrides, whose preset names are looked up there
+        raise ConfigError(f"Config folder '{CONFIG_DIR}' does not exist; set MODULAR_CONFIG_DIR to the configs/ folder.")
     for override in overrides:
         _check_override(override)
     register_configs()
-    if not CONFIG_DIR.is_dir():
-        raise ConfigError(f"Config folder '{CONFIG_DIR}' does not exist; set MODULAR_CONFIG_DIR to the configs/ folder.")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
     except Exception as exc:  # noqa: BLE001  (hydra/omegaconf raise many types; all are user input)
-        raise ConfigError(_one_sentence(exc)) from None
+        raise ConfigError(_unreadable(overrides, exc) or _one_sentence(exc)) from None
     finally:
         GlobalHydra.instance().clear()
     try:
@@ -229,6 +253,27 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
         raise ConfigError(_one_sentence(exc)) from None
     validate(cfg)
     return cfg
+
+
+def _unreadable(overrides: list[str], exc: BaseException) -> str | None:
+    """A sentence for what hydra's lexer cannot read (e.g. non-ASCII inside a list), or for a preset file that is
+    not UTF-8 (hydra names neither the override nor the file)."""
+    if isinstance(exc, UnicodeDecodeError) or isinstance(exc.__cause__ or exc.__context__, UnicodeDecodeError):
+        for path in sorted(CONFIG_DIR.rglob("*.yaml")):
+            try:
+                path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return f"Config file {path} is not UTF-8 (byte {bad.start} is {bad.object[bad.start]:#04x}); save it as UTF-8."
+        return None
+    if "token recognition error" not in str(exc) and "LexerNoViableAlt" not in str(exc):
+        return None
+    culprit = next((o for o in overrides if not o.isascii()), None)
+    if culprit is None:
+        return None
+    key, _, value = culprit.partition("=")
+    how = ("quote each list element that holds them, e.g. [a,'é']" if value.startswith(("[", "{")) else
+           f"quote the value: \"{key}='{value}'\" in a shell")
+    return f"Override {culprit} holds characters hydra cannot read without quotes; {how}"
 
 
 def _one_sentence(exc: BaseException) -> str:

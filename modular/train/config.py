@@ -43,9 +43,13 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    check_memory: bool = True  # refuse, before allocating, a run whose estimated memory exceeds what is available
     progress: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
     init_from: Optional[str] = None  # a checkpoint folder (model.safetensors) to start from when run.dir has none
+    # one of run.dir's own checkpoints to go back to instead of the latest (e.g. when the latest is damaged);
+    # used once: it is not saved with the run, and newer checkpoints move to checkpoints/superseded/
+    resume_from: Optional[str] = None
 
 
 def validate_train(cfg) -> None:
