@@ -90,6 +90,9 @@ def cmd_tokenizer(args: list[str]) -> int:
     except ValueError:
         raise ConfigError(f"tokenizer.vocab_size={options['tokenizer.vocab_size']} is not allowed; it must be an integer.") from None
     cfg = compose_config(overrides)
+    from modular.run.budget import check_tokenizer_budget
+
+    check_tokenizer_budget(vocab_size)
     return tokenizer_train_command(cfg.data, vocab_size, options["tokenizer.out"])
 
 

@@ -118,4 +118,8 @@ def load_optimizer_state(optimizer, model, folder: Path, ctx) -> None:
             k: v[start:stop] if torch.is_tensor(v) and v.dim() == p.dim() and v.shape[0] == full else v
             for k, v in state["state"][index].items()
         }
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, ValueError, TypeError) as exc:  # not an optimizer state, or one of other parameters
+        raise CheckpointError(f"Checkpoint file {Path(folder) / 'optimizer.pt'} does not hold this model's optimizer "
+                              f"state ({type(exc).__name__}); it cannot be resumed.") from None

@@ -160,17 +160,18 @@ def verify_checkpoint(folder: Path, required: tuple[str, ...] = FILES) -> dict:
                               f"({type(exc).__name__}).") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     well_formed = isinstance(files, dict) and all(
-        isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
-        for entry in files.values())
+        Path(name).name == name and name not in ("", ".", "..") and isinstance(entry, dict)
+        and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+        for name, entry in files.items())
     if not well_formed:
         raise CheckpointError(f"Checkpoint {folder} is damaged: its manifest.json is not an object listing each "
-                              "file's bytes and sha256.")
+                              "file of the folder with its bytes and sha256.")
     unlisted = [name for name in required if name not in files]
     if unlisted:
         raise CheckpointError(f"Checkpoint {folder} is damaged: its manifest.json does not list {', '.join(unlisted)}.")
     for name, expected in files.items():
         file = folder / name
-        if not file.is_file() or file.parent != folder:
+        if not file.is_file():
             raise CheckpointError(f"Checkpoint {folder} is missing {name}; it cannot be loaded.")
         size = file.stat().st_size
         if size != expected["bytes"]:
@@ -284,7 +285,12 @@ def load_optimizer_state(optimizer, folder: Path) -> None:
             f"Checkpoint file {folder / 'optimizer.pt'} holds more than tensors and plain data and was not loaded "
             f"({type(exc).__name__})."
         ) from None
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, ValueError, TypeError) as exc:  # not an optimizer state, or one of other parameters
+        raise CheckpointError(f"Checkpoint file {folder / 'optimizer.pt'} does not hold this model's optimizer state "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}); it cannot "
+                              "be resumed.") from None
 
 
 def load_initial_weights(model: torch.nn.Module, init_from: str | os.PathLike) -> None:
