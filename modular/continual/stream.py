@@ -240,8 +240,8 @@ class ContinualRun:
         return {domain: 1.0 - replay, **{d: replay / len(earlier) for d in earlier}}
 
     def _evaluate(self, model) -> dict:
+        from modular.run.setup import autocast_for, resolve_device
         from modular.train.evaluate import evaluate
-        from modular.train.trainer import autocast_for, resolve_device
 
         device = resolve_device(self.cfg.train.device)
         return evaluate(model, self.val_sets, device, autocast_for(self.cfg.train.dtype, device))
@@ -323,7 +323,7 @@ class ContinualRun:
     def run(self) -> dict:
         from modular.models import build_model
         from modular.models.summary import summarize
-        from modular.train.trainer import resolve_device
+        from modular.run.setup import resolve_device
 
         stream = list(self.c.stream)
         torch.manual_seed(self.cfg.seed)
