@@ -81,7 +81,13 @@ class RunFolder:
     # -- lock -------------------------------------------------------------------------------------
     def _lock(self) -> None:
         """Take the advisory lock (released when the process ends, whatever the cause), or refuse."""
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise RunFolderError(f"run.dir={self.path} cannot be written ({exc.strerror}); modular {self.command} "
+                                 "writes its run folder, so choose one you can write.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
