@@ -49,6 +49,8 @@ __all__ = [
     "experts_per_moe_layer",
     "group_presets",
     "moe_layer_indices",
+    "parse_override",
+    "quote_non_ascii",
     "to_dict",
     "validate",
     "validate_train",

@@ -17,9 +17,9 @@ from modular.config import compose_config, parse_override
 from modular.errors import ConfigError, ResourceError, RunFolderError
 
 OVERRIDES_FILE = "overrides.json"
-# Overrides that apply to one command only and are never saved with the run: where it is (a moved folder
-# is found where it is now) and which checkpoint to go back to (once; later resumes take the latest).
-NOT_SAVED = ("run.dir", "train.resume_from")
+# Saved overrides a resume does not take back: where the run is (a moved folder is found where it is named
+# now) and which checkpoint to go back to (used once, never saved: later resumes take the latest).
+NOT_RESUMED = ("run.dir", "train.resume_from")
 
 
 # -- config -------------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def compose_run(overrides: list[str]):
         if not (isinstance(saved, list) and all(isinstance(o, str) for o in saved)):
             raise RunFolderError(f"{Path(run_dir) / OVERRIDES_FILE} is damaged: it should hold the list of overrides "
                                  "the run was started with, as JSON strings.")
-        saved = [o for o in saved if (parse_override(o) is None or parse_override(o).key_or_group not in NOT_SAVED)]
+        saved = [o for o in saved if _key(o) not in NOT_RESUMED]
     all_overrides = merge_overrides(saved, list(overrides))
     cfg = compose_config(all_overrides)
     if cfg.run.dir:
@@ -72,9 +72,14 @@ def compose_run(overrides: list[str]):
 
 
 def saved_overrides(all_overrides: list[str]) -> list[str]:
-    """What overrides.json keeps: everything but the one-command overrides (train.resume_from)."""
-    return [o for o in all_overrides
-            if parse_override(o) is None or parse_override(o).key_or_group != "train.resume_from"]
+    """What overrides.json keeps: everything but train.resume_from (run.dir is kept: it records where the run
+    was made, and is replaced by wherever it is named from on every resume)."""
+    return [o for o in all_overrides if _key(o) != "train.resume_from"]
+
+
+def _key(override: str) -> str | None:
+    parsed = parse_override(override)
+    return None if parsed is None else parsed.key_or_group
 
 
 # -- data ---------------------------------------------------------------------------------------------
