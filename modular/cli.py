@@ -6,8 +6,8 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import sys
-import time
 from pathlib import Path
 
 from modular.errors import UserError
@@ -33,27 +33,24 @@ Run `modular <command> --help` for a command's groups and presets.
 """
 
 
-def run_dir(cfg, create: bool = True) -> Path:
-    """The run folder: run.dir, or runs/<name>-<timestamp>/ when not given."""
-    folder = Path(cfg.run.dir) if cfg.run.dir else Path("runs") / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if create:
-        folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def cmd_info(overrides: list[str]) -> int:
     from modular.atomic import atomic_write_json
     from modular.config import compose_config, to_dict
     from modular.models import build_model
     from modular.models.summary import format_summary, summarize
+    from modular.run.budget import check_budget
+    from modular.run.setup import claimed_run_folder
 
     cfg = compose_config(overrides)
+    check_budget(cfg, "build")
     model = build_model(cfg)
     summary = summarize(model)
     print(format_summary(summary, cfg))
     if cfg.run.dir:
-        out = run_dir(cfg) / "model.json"
-        atomic_write_json(out, {**summary, "config": to_dict(cfg)})
+        with claimed_run_folder(Path(cfg.run.dir), "info") as establish:
+            establish()
+            out = Path(cfg.run.dir) / "model.json"
+            atomic_write_json(out, {**summary, "config": to_dict(cfg)})
         print(f"wrote {out}")
     return 0
 
@@ -93,6 +90,9 @@ def cmd_tokenizer(args: list[str]) -> int:
     except ValueError:
         raise ConfigError(f"tokenizer.vocab_size={options['tokenizer.vocab_size']} is not allowed; it must be an integer.") from None
     cfg = compose_config(overrides)
+    from modular.run.budget import check_tokenizer_budget
+
+    check_tokenizer_budget(vocab_size)
     return tokenizer_train_command(cfg.data, vocab_size, options["tokenizer.out"])
 
 
@@ -147,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk wherever it strikes (logs, run files): one sentence, exit 1
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: the disk is full ({exc.strerror}{f' writing {exc.filename}' if exc.filename else ''}); "
+              "free some space and run the command again.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,92 +7,54 @@ type or value raises `ConfigError` with one sentence naming the key, the bad val
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
 
-from modular.continual.config import ContinualConfig
+from modular.continual.config import ContinualConfig, validate_continual_values
 from modular.data.config import DataConfig
 from modular.errors import ConfigError
+from modular.experts.config import ExpertsConfig, validate_experts
 from modular.export.config import ExportConfig, UpcycleConfig, validate_export, validate_upcycle
+from modular.kernels.config import KernelsConfig, validate_kernels
+from modular.models.config import ModelConfig, experts_per_moe_layer, moe_layer_indices, validate_model
 from modular.parallel.config import ParallelConfig, validate_parallel
-from modular.train.config import TrainConfig
+from modular.routing.config import RoutingConfig, validate_routing
+from modular.run.config import RunConfig, validate_run
+from modular.train.config import TrainConfig, validate_train
 
 # The presets ship inside the package (configs/ at the repository root is a link to them), so an installed
 # wheel composes the same configs as a checkout; MODULAR_CONFIG_DIR points elsewhere.
 CONFIG_DIR = Path(os.environ.get("MODULAR_CONFIG_DIR", Path(__file__).resolve().parent / "configs"))
 
-
-@dataclass
-class ModelConfig:
-    """The decoder: sizes, attention, and which layers hold a mixture of experts."""
-
-    name: str = "small"
-    vocab_size: int = 259  # the byte tokenizer: 256 bytes + pad, bos, eos
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2  # grouped-query attention: n_heads % n_kv_heads == 0
-    ffn_dim: int = 688  # hidden size of the dense SwiGLU FFN (dense layers)
-    max_seq_len: int = 512
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    # Which layers are MoE: "all", "none", "every_n" (with moe_every / moe_offset) or a list of indices.
-    moe_layers: Any = "all"
-    moe_every: int = 2
-    moe_offset: int = 1
-
-
-@dataclass
-class ExpertsConfig:
-    """The experts of every MoE layer: their kind, count and size, and the always-on shared experts."""
-
-    type: str = "swiglu"  # a name in modular.experts.EXPERT_REGISTRY
-    num_experts: int = 8
-    ffn_dim: int = 256  # hidden size of one expert
-    # Per-MoE-layer expert counts (one entry per MoE layer, in layer order); None = num_experts everywhere.
-    num_experts_per_layer: Optional[List[int]] = None
-    rank: int = 16  # low-rank experts: rank of each expert's delta on the shared base FFN
-    shared_experts: int = 0  # always-on experts added to every token's output (DeepSeek-MoE)
-    shared_ffn_dim: Optional[int] = None  # hidden size of one shared expert; None = ffn_dim
-
-
-@dataclass
-class RoutingConfig:
-    """The router of every MoE layer, its auxiliary losses and the dispatcher's capacity policy."""
-
-    type: str = "topk"  # a name in modular.routing.ROUTER_REGISTRY
-    top_k: int = 2
-    score: str = "softmax"  # topk: softmax | sigmoid
-    normalize: bool = True  # renormalise the selected weights to sum to 1 (Mixtral)
-    bias_balancing: bool = False  # auxiliary-loss-free balancing by a selection-only bias (DeepSeek-V3)
-    bias_update_rate: float = 0.001
-    capacity_factor: Optional[float] = None  # None = dropless (token choice); required for expert_choice
-    drop_policy: str = "probs"  # which assignments an over-full expert keeps: probs | position
-    sinkhorn_iters: int = 8
-    jitter: float = 0.0  # multiplicative input noise during training (Switch Transformer)
-    aux_loss_weight: float = 0.01  # Switch load-balancing loss
-    z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
-
-
-@dataclass
-class KernelsConfig:
-    """Which implementation runs the experts' grouped matmuls."""
-
-    backend: str = "auto"  # auto | torch | triton | megablocks
-
-
-@dataclass
-class RunConfig:
-    """Where a run writes its outputs."""
-
-    name: str = "modular"
-    dir: Optional[str] = None  # default: runs/<name>-<timestamp>/
+# Each group's schema and validator live with its package; they are re-exported here for callers that
+# compose configs (`from modular.config import ModelConfig, moe_layer_indices, ...`).
+__all__ = [
+    "CONFIG_DIR",
+    "GROUP_SCHEMAS",
+    "Config",
+    "ContinualConfig",
+    "DataConfig",
+    "ExpertsConfig",
+    "ExportConfig",
+    "KernelsConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "RoutingConfig",
+    "RunConfig",
+    "TrainConfig",
+    "UpcycleConfig",
+    "compose_config",
+    "experts_per_moe_layer",
+    "group_presets",
+    "moe_layer_indices",
+    "parse_override",
+    "quote_non_ascii",
+    "to_dict",
+    "validate",
+    "validate_train",
+]
 
 
 @dataclass
@@ -172,10 +134,11 @@ def _check_override(override: str) -> None:
     if len(parts) == 1:
         if parts[0] in GROUP_SCHEMAS:
             presets = group_presets(parts[0])
+            if not presets:
+                raise ConfigError(f"The config folder {CONFIG_DIR} has no {parts[0]}/ presets, so {override} cannot be "
+                                  "chosen; set MODULAR_CONFIG_DIR to a configs/ folder (one subfolder per group).")
             if value not in presets:
-                raise ConfigError(
-                    f"Unknown {parts[0]} preset '{value}'; available presets are: {', '.join(presets) or 'none'}."
-                )
+                raise ConfigError(f"Unknown {parts[0]} preset '{value}'; available presets are: {', '.join(presets)}.")
         else:
             _check_value_type(key, override, top[parts[0]].type)
         return
@@ -244,24 +207,46 @@ def _check_value_type(key: str, override: str, annotation) -> None:
         )
 
 
+# Characters hydra's grammar gives a meaning to; a value holding none of them is a plain string.
+_STRUCTURAL = re.compile(r"['\"\[\]{}(),\\]")
+
+
+def quote_non_ascii(override: str) -> str:
+    """Quote a plain value with non-ASCII characters (run.dir=runs/café), which hydra's lexer cannot read bare."""
+    key, sep, value = override.partition("=")
+    if sep and not value.isascii() and not _STRUCTURAL.search(value) and "${" not in value:
+        return f"{key}='{value}'"
+    return override
+
+
+def parse_override(override: str):
+    """hydra's reading of one override (key_or_group, value(), is_change()...), or None when it cannot parse it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(quote_non_ascii(override))
+    except Exception:  # noqa: BLE001  (any parse failure: compose_config reports grammar errors itself)
+        return None
+
+
 def compose_config(overrides: list[str] | None = None, config_name: str = "config"):
     """Compose the hydra config from `configs/` and the overrides, then validate it. Returns a DictConfig."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    overrides = list(overrides or [])
+    overrides = [quote_non_ascii(o) for o in overrides or []]
+    if not CONFIG_DIR.is_dir():  # before the overrides, whose preset names are looked up there
+        raise ConfigError(f"Config folder '{CONFIG_DIR}' does not exist; set MODULAR_CONFIG_DIR to the configs/ folder.")
     for override in overrides:
         _check_override(override)
     register_configs()
-    if not CONFIG_DIR.is_dir():
-        raise ConfigError(f"Config folder '{CONFIG_DIR}' does not exist; set MODULAR_CONFIG_DIR to the configs/ folder.")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
     except Exception as exc:  # noqa: BLE001  (hydra/omegaconf raise many types; all are user input)
-        raise ConfigError(_one_sentence(exc)) from None
+        raise ConfigError(_unreadable(overrides, exc) or _one_sentence(exc)) from None
     finally:
         GlobalHydra.instance().clear()
     try:
@@ -270,6 +255,27 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
         raise ConfigError(_one_sentence(exc)) from None
     validate(cfg)
     return cfg
+
+
+def _unreadable(overrides: list[str], exc: BaseException) -> str | None:
+    """A sentence for what hydra's lexer cannot read (e.g. non-ASCII inside a list), or for a preset file that is
+    not UTF-8 (hydra names neither the override nor the file)."""
+    if isinstance(exc, UnicodeDecodeError) or isinstance(exc.__cause__ or exc.__context__, UnicodeDecodeError):
+        for path in sorted(CONFIG_DIR.rglob("*.yaml")):
+            try:
+                path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return f"Config file {path} is not UTF-8 (byte {bad.start} is {bad.object[bad.start]:#04x}); save it as UTF-8."
+        return None
+    if "token recognition error" not in str(exc) and "LexerNoViableAlt" not in str(exc):
+        return None
+    culprit = next((o for o in overrides if not o.isascii()), None)
+    if culprit is None:
+        return None
+    key, _, value = culprit.partition("=")
+    how = ("quote each list element that holds them, e.g. [a,'é']" if value.startswith(("[", "{")) else
+           f"quote the value: \"{key}='{value}'\" in a shell")
+    return f"Override {culprit} holds characters hydra cannot read without quotes; {how}"
 
 
 def _one_sentence(exc: BaseException) -> str:
@@ -293,179 +299,28 @@ def _one_sentence(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation: semantic checks on a composed config, before anything is built.
-
-
-def moe_layer_indices(model: ModelConfig | Any) -> list[int]:
-    """The indices of the layers whose FFN is a mixture of experts."""
-    pattern = model.moe_layers
-    n = model.n_layers
-    if isinstance(pattern, str):
-        if pattern == "all":
-            return list(range(n))
-        if pattern == "none":
-            return []
-        if pattern == "every_n":
-            return [i for i in range(n) if i % model.moe_every == model.moe_offset % model.moe_every]
-        raise ConfigError(
-            f"model.moe_layers='{pattern}' is not allowed; use 'all', 'none', 'every_n' or a list of layer indices."
-        )
-    try:
-        indices = [int(i) for i in pattern]
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"model.moe_layers={pattern!r} is not allowed; use 'all', 'none', 'every_n' or a list of layer indices."
-        ) from None
-    for i in indices:
-        if not 0 <= i < n:
-            raise ConfigError(
-                f"model.moe_layers contains {i}, which is out of range; layer indices go from 0 to {n - 1}."
-            )
-    if len(set(indices)) != len(indices):
-        raise ConfigError(f"model.moe_layers={indices} lists a layer twice; list each MoE layer once.")
-    return sorted(indices)
-
-
-def experts_per_moe_layer(cfg) -> list[int]:
-    """Expert count of each MoE layer, in layer order."""
-    moe = moe_layer_indices(cfg.model)
-    per_layer = cfg.experts.num_experts_per_layer
-    if per_layer is None:
-        return [cfg.experts.num_experts] * len(moe)
-    return [int(e) for e in per_layer]
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _positive_int(value, key: str) -> None:
-    _require(isinstance(value, int) and value >= 1, f"{key}={value} is not allowed; it must be an integer >= 1.")
+# Validation: one pass over every group of a composed config, before anything is built.
 
 
 def validate(cfg) -> None:
-    """Semantic checks across groups. Raises ConfigError naming the key, the bad value and what is allowed."""
-    from modular.experts import EXPERT_REGISTRY
-    from modular.routing import ROUTER_REGISTRY
+    """Each group's semantic checks, in one pass. Raises ConfigError naming the key, the bad value and what is allowed.
 
-    m, e, r, k = cfg.model, cfg.experts, cfg.routing, cfg.kernels
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
-        _positive_int(m[key], f"model.{key}")
-    _require(
-        m.d_model % m.n_heads == 0,
-        f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
-        "d_model must be a multiple of n_heads.",
-    )
-    _require(
-        m.n_heads % m.n_kv_heads == 0,
-        f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}; "
-        "n_heads must be a multiple of n_kv_heads.",
-    )
-    _require((m.d_model // m.n_heads) % 2 == 0, f"model head size {m.d_model // m.n_heads} is odd; rotary embeddings need an even head size.")
-    _require(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} is not allowed; it must be > 0.")
-    _require(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} is not allowed; it must be > 0.")
-    _require(m.init_std > 0, f"model.init_std={m.init_std} is not allowed; it must be > 0.")
-    if isinstance(m.moe_layers, str) and m.moe_layers == "every_n":
-        _positive_int(m.moe_every, "model.moe_every")
-    moe = moe_layer_indices(m)
-
-    _require(
-        e.type in EXPERT_REGISTRY,
-        f"experts.type='{e.type}' is unknown; registered expert types are: {', '.join(sorted(EXPERT_REGISTRY))}.",
-    )
-    _require(
-        isinstance(e.num_experts, int) and e.num_experts >= 1,
-        f"experts.num_experts={e.num_experts} is not allowed; a layer needs at least 1 expert.",
-    )
-    _positive_int(e.ffn_dim, "experts.ffn_dim")
-    _require(
-        isinstance(e.shared_experts, int) and e.shared_experts >= 0,
-        f"experts.shared_experts={e.shared_experts} is not allowed; it must be an integer >= 0.",
-    )
-    if e.shared_ffn_dim is not None:
-        _positive_int(e.shared_ffn_dim, "experts.shared_ffn_dim")
-    EXPERT_REGISTRY[e.type].validate_config(e, m.d_model)
-    if e.num_experts_per_layer is not None:
-        counts = list(e.num_experts_per_layer)
-        _require(
-            len(counts) == len(moe),
-            f"experts.num_experts_per_layer has {len(counts)} entries but the model has {len(moe)} MoE layers "
-            f"({moe}); give one expert count per MoE layer.",
-        )
-        for c in counts:
-            _require(
-                isinstance(c, int) and c >= 1,
-                f"experts.num_experts_per_layer contains {c}; every MoE layer needs at least 1 expert.",
-            )
-
-    _require(
-        r.type in ROUTER_REGISTRY,
-        f"routing.type='{r.type}' is unknown; registered routers are: {', '.join(sorted(ROUTER_REGISTRY))}.",
-    )
-    _positive_int(r.top_k, "routing.top_k")
-    for i, n_exp in zip(moe, experts_per_moe_layer(cfg)):
-        _require(
-            r.top_k <= n_exp,
-            f"routing.top_k={r.top_k} exceeds the {n_exp} experts of layer {i}; top_k must be <= the expert count.",
-        )
-    _require(r.score in ("softmax", "sigmoid"), f"routing.score='{r.score}' is unknown; allowed: softmax, sigmoid.")
-    _require(
-        r.drop_policy in ("probs", "position"),
-        f"routing.drop_policy='{r.drop_policy}' is unknown; allowed: probs, position.",
-    )
-    if r.capacity_factor is not None:
-        _require(
-            r.capacity_factor > 0,
-            f"routing.capacity_factor={r.capacity_factor} is not allowed; it must be > 0 (or null for dropless).",
-        )
-    ROUTER_REGISTRY[r.type].validate_config(r)
-    _positive_int(r.sinkhorn_iters, "routing.sinkhorn_iters")
-    _require(0 <= r.jitter < 1, f"routing.jitter={r.jitter} is not allowed; it must be in [0, 1).")
-    for key in ("aux_loss_weight", "z_loss_weight", "bias_update_rate"):
-        _require(r[key] >= 0 and math.isfinite(r[key]), f"routing.{key}={r[key]} is not allowed; it must be >= 0.")
-    _require(
-        k.backend in ("auto", "torch", "triton", "megablocks"),
-        f"kernels.backend='{k.backend}' is unknown; allowed: auto, torch, triton, megablocks.",
-    )
+    Checks that need more than the config (the data files, the processes torchrun started, a run folder)
+    belong to the command that uses them, e.g. `modular.continual.validate_continual` for `modular continual`.
+    """
+    validate_model(cfg)
+    validate_experts(cfg)
+    validate_routing(cfg)
+    validate_kernels(cfg)
     validate_train(cfg)
     validate_export(cfg)
     validate_upcycle(cfg)
-    validate_parallel(cfg, experts_per_moe_layer(cfg), moe)
+    validate_parallel(cfg, experts_per_moe_layer(cfg), moe_layer_indices(cfg.model))
     from modular.data.config import as_data_config
 
     as_data_config(cfg.data)
-    _require(
-        isinstance(cfg.run.name, str) and re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run.name or "") is not None,
-        f"run.name='{cfg.run.name}' is not allowed; use letters, digits, '.', '_' and '-'.",
-    )
-
-
-def validate_train(cfg) -> None:
-    t = cfg.train
-    for key in ("max_steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_batches",
-                "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
-        _positive_int(t[key], f"train.{key}")
-    _require(
-        t.seq_len <= cfg.model.max_seq_len,
-        f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
-        "use a shorter seq_len or a larger max_seq_len.",
-    )
-    _require(t.lr > 0 and math.isfinite(t.lr), f"train.lr={t.lr} is not allowed; it must be a number > 0.")
-    _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} is not allowed; it must be in [0, 1].")
-    _require(t.schedule in ("cosine", "wsd", "constant"),
-             f"train.schedule='{t.schedule}' is unknown; allowed: cosine, wsd, constant.")
-    _require(isinstance(t.warmup_steps, int) and t.warmup_steps >= 0,
-             f"train.warmup_steps={t.warmup_steps} is not allowed; it must be an integer >= 0.")
-    _require(0 < t.decay_fraction <= 1, f"train.decay_fraction={t.decay_fraction} is not allowed; it must be in (0, 1].")
-    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} is not allowed; it must be >= 0.")
-    _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1,
-             f"train.beta1={t.beta1}, train.beta2={t.beta2} are not allowed; betas must be in [0, 1).")
-    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} is not allowed; it must be >= 0 (0 disables).")
-    _require(t.dtype in ("auto", "fp32", "bf16"), f"train.dtype='{t.dtype}' is unknown; allowed: auto, fp32, bf16.")
-    _require(t.device in ("auto", "cpu", "cuda"), f"train.device='{t.device}' is unknown; allowed: auto, cpu, cuda.")
-    _require(isinstance(t.threads, int) and t.threads >= 0,
-             f"train.threads={t.threads} is not allowed; it must be an integer >= 0 (0 = torch's default).")
+    validate_continual_values(cfg)
+    validate_run(cfg)
 
 
 def to_dict(cfg) -> dict:

@@ -1,7 +1,15 @@
 """User-facing errors: one clear sentence, a non-zero exit, no traceback.
 
-Anything a user can cause (a bad config value, a missing file, a corrupt checkpoint) raises
-`UserError`; the CLI prints its message on one line and exits with `exit_code`.
+Anything a user can cause raises a `UserError` subclass; the CLI prints its message on one line and
+exits with its `exit_code`. One rule decides the code:
+  2  the command line asks for something not allowed (ConfigError): a config key, type or value, sizes
+     that contradict the launch, or an output that would overwrite what it must not (an existing folder,
+     a folder that is not a run, the run being exported) — change the command;
+  1  the command is right, but something it reads or runs on cannot serve it: a corpus or tokenizer
+     (DataError), a checkpoint or model folder (CheckpointError), a run folder in use or with a damaged
+     file (RunFolderError), the machine's memory, disk or device (ResourceError), or training itself
+     (the loss stayed non-finite) — fix that input, or wait, and run the same command again.
+Ctrl-C and SIGTERM exit 130 and 143 after saving a checkpoint.
 """
 
 
@@ -29,6 +37,29 @@ class DataError(UserError):
 
 
 class CheckpointError(UserError):
-    """A checkpoint that is missing, corrupt or belongs to another model (exit code 1)."""
+    """A checkpoint or model folder that is missing, corrupt or belongs to another model (exit code 1)."""
 
     exit_code = 1
+
+
+class RunFolderError(UserError):
+    """A run folder in use by another process, or holding a damaged file (exit code 1)."""
+
+    exit_code = 1
+
+
+class ResourceError(UserError):
+    """The machine cannot serve the request: memory, disk space or a device (exit code 1)."""
+
+    exit_code = 1
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `condition` holds: the config validators' one-line check."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def require_positive_int(value, key: str) -> None:
+    require(isinstance(value, int) and value >= 1,
+            f"{key}={value} is not allowed; it must be an integer >= 1.")

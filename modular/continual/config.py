@@ -86,3 +86,55 @@ class ContinualConfig:
     eval_batches: int = 8  # validation batches per domain after every stage
     usage_batches: int = 4  # batches of the new domain in the routing pass that picks experts to copy
     plots: bool = True
+
+
+def validate_continual_values(cfg) -> None:
+    """The continual group's own values (names and ranges), checked for every composed config.
+
+    What running a stream needs of the other groups (its domains in data.domains, MoE layers to grow,
+    experts divisible over parallel.ep, torchrun's WORLD_SIZE) is `modular.continual.validate_continual`'s,
+    run by `modular continual` only: a `modular train data=sample_en` must not be refused because the
+    default stream names domains that data preset lacks.
+    """
+    from modular.continual.strategies.base import (
+        strategy_class,  # the registry (loaded at compose, not import)
+    )
+    from modular.errors import ConfigError
+
+    c = cfg.continual
+    strategy_class(c.strategy)
+    checks = [("init", c.init, INITS), ("router_init", c.router_init, ROUTER_INITS),
+              ("inference.method", c.inference.method, INFERENCE_METHODS),
+              ("inference.mode", c.inference.mode, INFERENCE_MODES),
+              ("merge_method", c.merge_method, MERGE_METHODS), ("copy_from", c.copy_from, ("top", "all"))]
+    for key, value, allowed in checks:
+        if value not in allowed:
+            raise ConfigError(f"continual.{key}='{value}' is unknown; allowed: {', '.join(allowed)}.")
+    for target in c.freeze:
+        if target not in FREEZABLE:
+            raise ConfigError(f"continual.freeze contains '{target}', which does not exist; "
+                              f"freezable parts are: {', '.join(FREEZABLE)}.")
+    if c.steps_per_stage < 1:
+        raise ConfigError(f"continual.steps_per_stage={c.steps_per_stage} is not allowed; it must be >= 1.")
+    if c.first_stage_steps is not None and c.first_stage_steps < 0:
+        raise ConfigError(f"continual.first_stage_steps={c.first_stage_steps} is not allowed; it must be >= 0 "
+                          "(or null for steps_per_stage).")
+    if not 0.0 <= c.replay < 1.0:
+        raise ConfigError(f"continual.replay={c.replay} is not allowed; it must be in [0, 1).")
+    for key in ("review_steps", "stage_warmup_steps", "eval_batches", "usage_batches"):
+        if c[key] < 0 or (key in ("eval_batches", "usage_batches") and c[key] < 1):
+            raise ConfigError(f"continual.{key}={c[key]} is not allowed; it must be a positive integer.")
+    if c.router_margin < 0:
+        raise ConfigError(f"continual.router_margin={c.router_margin} is not allowed; it must be >= 0.")
+    if c.distill_weight < 0:
+        raise ConfigError(f"continual.distill_weight={c.distill_weight} is not allowed; it must be >= 0.")
+    inf = c.inference
+    for key, value, ok, allowed in [("prefix", inf.prefix, isinstance(inf.prefix, int) and inf.prefix >= 2, "an integer >= 2"),
+                                    ("min_posterior", inf.min_posterior, 0 <= inf.min_posterior <= 1, "in [0, 1]"),
+                                    ("buckets", inf.buckets, isinstance(inf.buckets, int) and inf.buckets >= 1, "an integer >= 1"),
+                                    ("steps", inf.steps, isinstance(inf.steps, int) and inf.steps >= 0, "an integer >= 0"),
+                                    ("batch_size", inf.batch_size, isinstance(inf.batch_size, int) and inf.batch_size >= 1,
+                                     "an integer >= 1"),
+                                    ("lr", inf.lr, inf.lr > 0, "> 0")]:
+        if not ok:
+            raise ConfigError(f"continual.inference.{key}={value} is not allowed; it must be {allowed}.")

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from modular.atomic import atomic_write_json, atomic_write_text
+from modular.atomic import atomic_write_json, atomic_write_text, read_json
 from modular.continual import lifecycle
-from modular.continual.config import FREEZABLE, INITS, MERGE_METHODS, ROUTER_INITS
+from modular.continual.config import validate_continual_values
 from modular.continual.strategies.base import strategy_class
-from modular.errors import ConfigError
-from modular.parallel import checkpoint as parallel_ckpt
+from modular.errors import ConfigError, RunFolderError
+from modular.run.checkpointer import checkpointer_for
 from modular.train import checkpoint as ckpt
 
 
@@ -52,35 +52,15 @@ def validate_continual(cfg, world_size: int = 1) -> None:
                               f"({', '.join(domains)}).")
     if len(set(c.stream)) != len(c.stream):
         raise ConfigError(f"continual.stream={list(c.stream)} lists a domain twice; each stage brings a new domain.")
+    validate_continual_values(cfg)
     strategy = strategy_class(c.strategy)
-    checks = [("init", c.init, INITS), ("router_init", c.router_init, ROUTER_INITS),
-              ("merge_method", c.merge_method, MERGE_METHODS), ("copy_from", c.copy_from, ("top", "all"))]
-    for key, value, allowed in checks:
-        if value not in allowed:
-            raise ConfigError(f"continual.{key}='{value}' is unknown; allowed: {', '.join(allowed)}.")
-    for target in c.freeze:
-        if target not in FREEZABLE:
-            raise ConfigError(f"continual.freeze contains '{target}', which does not exist; "
-                              f"freezable parts are: {', '.join(FREEZABLE)}.")
-    if c.steps_per_stage < 1:
-        raise ConfigError(f"continual.steps_per_stage={c.steps_per_stage} is not allowed; it must be >= 1.")
-    if c.first_stage_steps is not None and c.first_stage_steps < 0:
-        raise ConfigError(f"continual.first_stage_steps={c.first_stage_steps} is not allowed; it must be >= 0 "
-                          "(or null for steps_per_stage).")
     if c.first_stage_steps == 0 and not cfg.train.init_from:
         raise ConfigError("continual.first_stage_steps=0 trains nothing on the first domain, so the model must come "
                           "from train.init_from (a checkpoint that already knows it); set train.init_from=FOLDER "
                           "or first_stage_steps >= 1.")
-    if not 0.0 <= c.replay < 1.0:
-        raise ConfigError(f"continual.replay={c.replay} is not allowed; it must be in [0, 1).")
     if c.replay > 0 and len(c.stream) < 2:
         raise ConfigError(f"continual.replay={c.replay} needs an earlier stage to replay, but the stream has one domain.")
     strategy.validate(cfg, world_size)
-    for key in ("review_steps", "stage_warmup_steps", "eval_batches", "usage_batches"):
-        if c[key] < 0 or (key in ("eval_batches", "usage_batches") and c[key] < 1):
-            raise ConfigError(f"continual.{key}={c[key]} is not allowed; it must be a positive integer.")
-    if c.router_margin < 0:
-        raise ConfigError(f"continual.router_margin={c.router_margin} is not allowed; it must be >= 0.")
 
 
 def stage_steps(c, s: int) -> int:
@@ -205,8 +185,8 @@ class ContinualRun:
             print(text)
 
     def _evaluate(self, model, route=None) -> dict:
+        from modular.run.setup import autocast_for, resolve_device
         from modular.train.evaluate import evaluate
-        from modular.train.trainer import autocast_for, resolve_device
 
         device = resolve_device(self.cfg.train.device)
         return evaluate(model, self.val_sets, device, autocast_for(self.cfg.train.dtype, device), route=route)
@@ -224,7 +204,7 @@ class ContinualRun:
         """route(domain, inputs): the route the domain posterior of each row's prefix picks (no labels);
         continual.inference.mode=soft gives mixture weights unless `hard`."""
         from modular.continual.domain_inference import DomainRouter
-        from modular.train.trainer import autocast_for, resolve_device
+        from modular.run.setup import autocast_for, resolve_device
 
         router = DomainRouter(model, self.c.inference, autocast_for(self.cfg.train.dtype,
                                                                     resolve_device(self.cfg.train.device)))
@@ -309,7 +289,7 @@ class ContinualRun:
     def run(self) -> dict:
         from modular.models import build_model
         from modular.models.summary import summarize
-        from modular.train.trainer import resolve_device
+        from modular.run.setup import resolve_device
 
         stream = list(self.c.stream)
         torch.manual_seed(self.cfg.seed)
@@ -397,26 +377,19 @@ class ContinualRun:
 
     def _resume(self, model, done: int):
         """Load the checkpoint written after stage `done - 1` (at any world size); returns its optimizer."""
-        from modular.models.structure import apply_structure
+        from modular.run.setup import resolve_device
         from modular.train.optimizer import build_optimizer
-        from modular.train.trainer import resolve_device
 
-        last = ckpt.latest_checkpoint(self.run_dir)
-        ckpt.verify_checkpoint(last)
-        trainer_state = ckpt.read_trainer_state(last)
-        apply_structure(model, trainer_state["structure"])
-        model.to(resolve_device(self.cfg.train.device))
-        if self.parallel is None:
-            ckpt.load_model_weights(model, last)
-        else:  # each rank slices the full checkpoint to its experts
-            parallel_ckpt.load_model_weights(model, last, self.parallel)
+        last = ckpt.find_resume_checkpoint(self.run_dir, how_to_go_back=None)
+        if last is None:
+            raise RunFolderError(f"{self.state_path} records {done} finished stages, but {self.run_dir} has no "
+                                 "checkpoint of them; the run folder is damaged.")
+        checkpointer = checkpointer_for(self.parallel)  # each rank slices the full checkpoint to its experts
+        trainer_state = checkpointer.restore(model, last, resolve_device(self.cfg.train.device))
         old_banks = {int(k): v for k, v in (self.state["stages"][-1].get("old_banks") or {}).items()}
         self.apply_freeze(model, done - 1, old_banks)
         optimizer = build_optimizer(model, self.cfg.train)
-        if self.parallel is None:
-            ckpt.load_optimizer_state(optimizer, last)
-        else:
-            parallel_ckpt.load_optimizer_state(optimizer, model, last, self.parallel)
+        checkpointer.restore_optimizer(optimizer, model, last)
         ckpt.set_rng_state(trainer_state["rng"])
         return optimizer
 
@@ -425,12 +398,9 @@ class ContinualRun:
 
         state = {"structure": model_structure(model), "stage": s, "domain": domain, "tokens": tokens}
         keep = max(1, self.cfg.train.keep_checkpoints)
-        step = self.state["global_step"]
-        if self.parallel is None:
-            ckpt.save_checkpoint(self.run_dir, step, model, optimizer, state, self.config_record, keep=keep)
-        else:  # gathered on save: rank 0 writes the one-process checkpoint, which loads at any world size
-            parallel_ckpt.save_checkpoint(self.run_dir, step, model, optimizer, state, self.config_record,
-                                          self.parallel, keep=keep)
+        # under torchrun gathered on save: rank 0 writes the one-process checkpoint, which loads at any world size
+        checkpointer_for(self.parallel).save(self.run_dir, self.state["global_step"], model, optimizer, state,
+                                             self.config_record, keep=keep)
 
 
 def _world_size() -> int:
@@ -441,43 +411,69 @@ def _world_size() -> int:
 
 def continual_command(overrides: list[str]) -> int:
     from modular.parallel.mesh import run_command
-    from modular.train.run import compose_run
+    from modular.run.setup import compose_run
 
     cfg, all_overrides, folder = compose_run(overrides)
     validate_continual(cfg, world_size=_world_size())
+    if cfg.train.resume_from:
+        raise ConfigError(f"train.resume_from={cfg.train.resume_from} is for modular train; a continual stream "
+                          "resumes after its last finished stage.")
     return run_command(cfg, all_overrides, folder, _continual)
 
 
 def _continual(cfg, all_overrides: list[str], folder: Path, parallel) -> int:
     from modular.config import to_dict
     from modular.continual.report import write_report
-    from modular.train.run import check_run_dir, prepare_data
+    from modular.run.budget import check_budget
+    from modular.run.setup import claimed_run_folder, on_main, prepare_data, saved_overrides
 
     main = parallel is None or parallel.is_main
     print_ = print if main else (lambda *args: None)
-    check_run_dir(folder)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    stream = list(cfg.continual.stream)
-    tokenizer, _, val_sets = prepare_data(cfg, domains=stream, parallel=parallel)
-    val_sets = {d: val_sets[d] for d in stream}
-    folder.mkdir(parents=True, exist_ok=True)
-    record = {**to_dict(cfg), "stage_schedules": stage_schedules(cfg)}  # what each stage's trainer runs with
-    if main:
-        atomic_write_json(folder / "overrides.json", all_overrides)
-        atomic_write_text(folder / "config.json", json.dumps(record, indent=2) + "\n")
-    where = (f" on {parallel.world_size} processes (dp={parallel.dp}, ep={parallel.ep}, {parallel.backend})"
-             if parallel is not None else "")
-    first = cfg.continual.first_stage_steps
-    print_(f"continual run in {folder}{where}: stream {' → '.join(stream)}, strategy {cfg.continual.strategy}, "
-           f"{cfg.continual.steps_per_stage} steps per stage" + (f" ({first} in stage 0)" if first is not None else ""))
-    run = ContinualRun(cfg, folder, tokenizer, val_sets, record, parallel=parallel)
-    state = run.run()
-    if "stopped_by_signal" in state:
-        print_(f"stopped; resume with: modular continual run.dir={folder}")
-        return 128 + int(state["stopped_by_signal"])
-    if main:
-        report = write_report(folder, cfg, run.state)
-        print(report["markdown_matrix"])
-        print(f"report: {folder / 'report.md'} and {folder / 'report.json'}")
-    return 0
+    with claimed_run_folder(folder, "continual", parallel) as establish:
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        check_budget(cfg, "continual", parallel)
+        stream = list(cfg.continual.stream)
+        tokenizer, _, val_sets = prepare_data(cfg, domains=stream, parallel=parallel)
+        val_sets = {d: val_sets[d] for d in stream}
+        on_main(parallel, lambda: _check_resume(cfg, folder))
+        establish()  # everything was checked: the folder may now be created and the run's overrides saved
+        record = {**to_dict(cfg), "stage_schedules": stage_schedules(cfg)}  # what each stage's trainer runs with
+        if main:
+            atomic_write_json(folder / "overrides.json", saved_overrides(all_overrides))
+            atomic_write_text(folder / "config.json", json.dumps(record, indent=2) + "\n")
+        where = (f" on {parallel.world_size} processes (dp={parallel.dp}, ep={parallel.ep}, {parallel.backend})"
+                 if parallel is not None else "")
+        first = cfg.continual.first_stage_steps
+        print_(f"continual run in {folder}{where}: stream {' → '.join(stream)}, strategy {cfg.continual.strategy}, "
+               f"{cfg.continual.steps_per_stage} steps per stage" + (f" ({first} in stage 0)" if first is not None else ""))
+        run = ContinualRun(cfg, folder, tokenizer, val_sets, record, parallel=parallel)
+        state = run.run()
+        if "stopped_by_signal" in state:
+            print_(f"stopped; resume with: modular continual run.dir={folder}")
+            return 128 + int(state["stopped_by_signal"])
+        if main:
+            report = write_report(folder, cfg, run.state)
+            print(report["markdown_matrix"])
+            print(f"report: {folder / 'report.md'} and {folder / 'report.json'}")
+        return 0
+
+
+def _check_resume(cfg, folder: Path) -> None:
+    """Before anything is written: the stream's state file reads, and the checkpoint it resumes from (or the
+    train.init_from it starts from) verifies and fits the composed model, so a refused start leaves the folder
+    as it was."""
+    from modular.models import build_model
+    from modular.run.checkpointer import Checkpointer
+
+    state_path = folder / "continual_state.json"
+    if state_path.is_file():
+        state = read_json(state_path, "the stages the stream has finished")
+        if not (isinstance(state, dict) and isinstance(state.get("stages"), list)):
+            raise RunFolderError(f"{state_path} is damaged: it should hold the stream's state (a JSON object with "
+                                 "its finished stages).")
+    checkpoint = ckpt.find_resume_checkpoint(folder, how_to_go_back=None)
+    if checkpoint is not None:
+        Checkpointer().restore(build_model(cfg), checkpoint)
+    elif cfg.train.init_from:
+        Checkpointer().restore_initial(build_model(cfg), cfg.train.init_from)

@@ -134,10 +134,16 @@ class MixtureLoader:
             mine = self.state_dict()
             for key in ("seed", "rank", "batch_size", "seq_len", "domains", "weights", "num_tokens"):
                 if state.get(key) != mine[key]:
-                    raise CheckpointError(f"the saved data loader has {key}={state.get(key)!r} but this one "
-                                          f"has {key}={mine[key]!r}; resume with the same data settings "
-                                          "(or load with strict=False).")
+                    raise CheckpointError(f"the run's data stream was saved with {key}={state.get(key)!r} but this one "
+                                          f"has {key}={mine[key]!r}; resume with the settings it started with "
+                                          f"({_SETTING[key]}).")
         self.step = int(state["step"])
+
+
+# The command-line settings behind each field of a saved loader state (named in the message of a mismatch).
+_SETTING = {"seed": "seed", "rank": "the same launch", "batch_size": "train.batch_size × the number of processes",
+            "seq_len": "train.seq_len", "domains": "data.domains", "weights": "data.domains.<domain>.weight",
+            "num_tokens": "the same data files and data.tokenizer"}
 
 
 class ValidationSet:

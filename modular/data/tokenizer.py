@@ -18,6 +18,7 @@ import numpy as np
 from modular.atomic import atomic_write_text
 from modular.data.config import TOKENIZER_KINDS, DataConfig, TokenizerConfig, as_data_config, resolve_path
 from modular.errors import ConfigError, DataError
+from modular.hf_folders import refuse_custom_code
 
 BPE_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2 in a tokenizer made by train_bpe
 MIN_BPE_VOCAB = 256 + len(BPE_SPECIAL_TOKENS) + 1  # the byte alphabet, the specials and one merge
@@ -85,6 +86,7 @@ class HFTokenizer(Tokenizer):
         self.path = resolve_path(str(path))
         names: dict = {}
         if self.path.is_dir():
+            refuse_custom_code(self.path, DataError)  # its custom class may tokenize differently: never half-load it
             names = _special_token_names(self.path)
             file = self.path / "tokenizer.json"
             self._tok = _load_json(RustTokenizer, file) if file.is_file() else _load_pretrained(self.path)
@@ -138,10 +140,12 @@ def _load_json(rust_tokenizer_cls, file: Path):
 
 def _load_pretrained(folder: Path):
     """A folder without tokenizer.json (e.g. sentencepiece files): let transformers convert it, offline."""
-    try:
-        from transformers import AutoTokenizer
+    from modular.hf_folders import auto_tokenizer
 
-        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    try:
+        hf = auto_tokenizer(folder)
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 -- transformers raises many types; all mean "cannot load it"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{folder} holds no tokenizer.json and transformers cannot load it offline "

@@ -80,6 +80,14 @@ class ExpertBank(nn.Module):
         return None
 
     @classmethod
+    def parameter_counts(cls, experts_cfg, d_model: int) -> tuple[int, int]:
+        """(parameters of one expert, parameters a bank shares besides its router rows) for these sizes,
+        counted on a bank built on the meta device (nothing is allocated)."""
+        with torch.device("meta"):
+            bank = cls.from_config(d_model, 1, experts_cfg, 0.02)
+        return bank.params_per_expert(), bank.shared_params()
+
+    @classmethod
     def validate_config(cls, experts_cfg, d_model: int) -> None:
         """Checks of experts.* that only this expert type needs; raise ConfigError with one sentence."""
 

@@ -2,51 +2,43 @@
 dense Llama (safetensors or GGUF) → ModularLM and sparse upcycling, plus the export report.
 """
 
-from modular.export.adapters import ADAPTERS, LlamaAdapter, MixtralAdapter, Qwen2MoeAdapter, StateDictAdapter
-from modular.export.dense import (
-    MERGE_METHODS,
-    Calibration,
-    calibrate,
-    expert_frequencies,
-    export_dense,
-    merged_state_dict,
-)
-from modular.export.formats import EXPORT_FORMATS, ExportFormat, export_format, register_export_format
-from modular.export.hf_config import generation_config, llama_config, mixtral_config, qwen2_moe_config
-from modular.export.hf_tokenizer import byte_level_tokenizer, write_tokenizer_files
-from modular.export.moe import MOE_FORMATS, choose_moe_adapter, export_moe
-from modular.export.report import evaluate, export_report, load_hf_model
-from modular.export.upcycle import load_hf_llama, save_source_tokenizer, upcycle
+import importlib
+import sys
+import types
 
-__all__ = [
-    "ADAPTERS",
-    "EXPORT_FORMATS",
-    "MERGE_METHODS",
-    "MOE_FORMATS",
-    "Calibration",
-    "ExportFormat",
-    "LlamaAdapter",
-    "MixtralAdapter",
-    "Qwen2MoeAdapter",
-    "StateDictAdapter",
-    "byte_level_tokenizer",
-    "calibrate",
-    "choose_moe_adapter",
-    "evaluate",
-    "expert_frequencies",
-    "export_dense",
-    "export_format",
-    "export_moe",
-    "export_report",
-    "generation_config",
-    "llama_config",
-    "load_hf_llama",
-    "load_hf_model",
-    "merged_state_dict",
-    "mixtral_config",
-    "qwen2_moe_config",
-    "register_export_format",
-    "save_source_tokenizer",
-    "upcycle",
-    "write_tokenizer_files",
-]
+# Where each public name lives. Imported on first use, so `import modular.export.config` (which
+# modular.config does for the export group's schema) loads no adapter, writer or transformers code.
+_HOMES = {
+    "ADAPTERS": "adapters", "LlamaAdapter": "adapters", "MixtralAdapter": "adapters", "Qwen2MoeAdapter": "adapters",
+    "StateDictAdapter": "adapters",
+    "MERGE_METHODS": "dense", "Calibration": "dense", "calibrate": "dense", "expert_frequencies": "dense",
+    "export_dense": "dense", "merged_state_dict": "dense",
+    "generation_config": "hf_config", "llama_config": "hf_config", "mixtral_config": "hf_config",
+    "qwen2_moe_config": "hf_config",
+    "byte_level_tokenizer": "hf_tokenizer", "write_tokenizer_files": "hf_tokenizer",
+    "MOE_FORMATS": "moe", "choose_moe_adapter": "moe", "export_moe": "moe",
+    "EXPORT_FORMATS": "formats", "ExportFormat": "formats", "export_format": "formats",
+    "register_export_format": "formats",
+    "evaluate": "report", "export_report": "report", "load_hf_model": "report",
+    "load_hf_llama": "upcycle", "save_source_tokenizer": "upcycle", "upcycle": "upcycle",
+}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"modular.export.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'modular.export' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Loading a submodule binds it on its package; for `upcycle` the function of that name must win
+    (as it did when this package imported everything eagerly), so that binding is skipped."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and name in _HOMES:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -6,11 +6,11 @@ a new run folder whose first `modular train` starts from the upcycled MoE.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from modular.atomic import read_json
 from modular.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,8 +31,20 @@ def _seed_source(cfg, folder: Path) -> str | None:
         return str(cfg.export.seed_model)
     record = folder / UPCYCLE_RECORD
     if record.is_file():
-        return json.loads(record.read_text(encoding="utf-8")).get("source")
+        upcycled = read_json(record, "the record of the upcycled source")
+        return upcycled.get("source") if isinstance(upcycled, dict) else None
     return None
+
+
+def check_export_out(out: Path, run_dir: Path) -> None:
+    """An export replaces its output folder, so it must never be, contain or sit inside the run it reads,
+    except in the run's own export/ folder (the default place)."""
+    out_abs, run_abs = out.expanduser().resolve(), run_dir.expanduser().resolve()
+    inside_exports = out_abs.is_relative_to(run_abs / "export") and out_abs != run_abs / "export"
+    if out_abs == run_abs or run_abs.is_relative_to(out_abs) or (out_abs.is_relative_to(run_abs) and not inside_exports):
+        where = ("is" if out_abs == run_abs else "contains" if run_abs.is_relative_to(out_abs) else "is inside")
+        raise ConfigError(f"export.out={out} {where} the run folder run.dir={run_dir}, which an export must never "
+                          f"overwrite; write it outside the run, or under {run_dir / 'export'} (the default).")
 
 
 def export_command(overrides: list[str]) -> int:
@@ -43,13 +55,14 @@ def export_command(overrides: list[str]) -> int:
     from modular.export.formats import export_format
     from modular.export.report import export_report
     from modular.export.upcycle import load_hf_llama
-    from modular.train.run import load_run_model
+    from modular.run.setup import load_run_model
 
     model, cfg, folder, checkpoint = load_run_model(overrides, "export")
     e = cfg.export
     fmt = export_format(e.format, e)
     fmt.check(model, cfg)
     out = Path(e.out) if e.out else folder / "export" / e.format
+    check_export_out(out, folder)
     dtype = None if e.dtype == "auto" else DTYPES[e.dtype]
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     seed_source = _seed_source(cfg, folder)
@@ -95,7 +108,8 @@ def upcycle_command(overrides: list[str]) -> int:
     from modular.config import compose_config, to_dict
     from modular.export.upcycle import load_hf_llama, resolve_source, upcycle, write_source_tokenizer
     from modular.export.writer import staged_dir
-    from modular.train.checkpoint import unique_state_dict
+    from modular.run.folder import write_marker
+    from modular.train.checkpoint import WEIGHTS, unique_state_dict, write_manifest
 
     fixed = [o for o in overrides if _key(o).startswith(_ARCHITECTURE_KEYS) or o.startswith("model=")]
     if fixed:
@@ -123,21 +137,26 @@ def upcycle_command(overrides: list[str]) -> int:
 
     source_folder, gguf_file = resolve_source(u.source)
     with staged_dir(folder) as tmp:
+        write_marker(tmp, "upcycle")
         extra = []
         tokenizer_written = write_source_tokenizer(source_folder, gguf_file, tmp / "tokenizer", required=False)
+        # Paths inside the run folder are written relative to it (${run.dir}), so a moved run folder still
+        # finds them; the folder itself is recorded as the user named it (relative stays relative).
         if tokenizer_written:
-            extra += ["data.tokenizer.kind=hf", f"data.tokenizer.path={folder / 'tokenizer'}"]
+            extra += ["data.tokenizer.kind=hf", "data.tokenizer.path=${run.dir}/tokenizer"]
         (tmp / "upcycled").mkdir()
         save_file(unique_state_dict(moe), str(tmp / UPCYCLED_WEIGHTS), metadata={"format": "pt"})
+        write_manifest(tmp / "upcycled", WEIGHTS)  # train.init_from verifies it like every checkpoint
         # A folder holding model.safetensors, so the trainer can load it with checkpoint.load_model_weights.
-        init = [f"train.init_from={(folder / UPCYCLED_WEIGHTS).parent}"]
+        init = ["train.init_from=${run.dir}/" + str(Path(UPCYCLED_WEIGHTS).parent)]
         # The architecture last: it must win over a passthrough routing.top_k (upcycle.top_k decided it).
-        run_overrides = passthrough + extra + modular_overrides_from_cfg(moe_cfg) + init + [f"run.dir={folder}"]
+        run_dir = [o for o in overrides if _key(o) == "run.dir"][-1]  # as the user wrote it (quotes included)
+        run_overrides = passthrough + extra + modular_overrides_from_cfg(moe_cfg) + init + [run_dir]
         compose_config(run_overrides)  # the run folder must compose exactly like `modular train` will
         atomic_write_json(tmp / "overrides.json", run_overrides)
         atomic_write_json(tmp / "config.json", to_dict(moe_cfg))
         atomic_write_json(tmp / UPCYCLE_RECORD, {
-            "source": str(Path(u.source).expanduser().resolve()), "num_experts": int(u.num_experts),
+            "source": str(Path(u.source).expanduser()), "num_experts": int(u.num_experts),
             "top_k": int(moe_cfg.routing.top_k), "layers": layers if isinstance(layers, str) else list(layers),
             "noise": float(u.noise), "step0_max_abs_logit_diff": step0_diff, "weights": UPCYCLED_WEIGHTS,
             "tokenizer": "tokenizer" if tokenizer_written else None,

@@ -40,13 +40,12 @@ class UpcycleConfig:
 
 
 def validate_export(cfg) -> None:
-    e = cfg.export
-    from modular.export.formats import (
-        format_names,  # the registry (loads the export package: compose time only)
-    )
+    from modular.export.formats import format_names
 
-    if e.format not in format_names():
-        raise ConfigError(f"export.format='{e.format}' is unknown; allowed: {', '.join(format_names())}.")
+    e = cfg.export
+    names = format_names(load=False)  # the built-in names and any registered format, no export code loaded
+    if e.format not in names:
+        raise ConfigError(f"export.format='{e.format}' is unknown; allowed: {', '.join(names)}.")
     if e.merge not in MERGES:
         raise ConfigError(f"export.merge='{e.merge}' is unknown; allowed: {', '.join(MERGES)}.")
     if not 0 < e.density <= 1:

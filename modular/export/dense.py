@@ -144,8 +144,9 @@ def _base_for(state_dict, i: int, seeds: dict, method: str, shape: tuple) -> tup
     if base is not None:
         return base
     raise ConfigError(
-        f"merge='{method}' needs a base FFN for layer {i}: pass seed_ffn (the dense model the experts were "
-        "upcycled from); for a model trained from scratch use merge='frequency', 'uniform' or 'concat'."
+        f"merge='{method}' needs a base FFN for layer {i}: set export.seed_model=PATH (seed_ffn from Python), the "
+        "dense model the experts were upcycled from; for a model trained from scratch use merge='frequency', "
+        "'uniform' or 'concat'."
     )
 
 

@@ -12,6 +12,10 @@ from pathlib import Path
 from modular.errors import ConfigError
 
 EXPORT_FORMATS: dict[str, type[ExportFormat]] = {}
+# The built-in formats and the modules that register them: their names are known (config validation)
+# without importing the export code.
+BUILTIN_FORMATS = {"llama-dense": "modular.export.dense", "mixtral": "modular.export.moe",
+                   "qwen2-moe": "modular.export.moe", "moe": "modular.export.moe"}
 
 
 def register_export_format(name: str):
@@ -59,10 +63,15 @@ def export_format(name: str, export_cfg=None) -> ExportFormat:
     return EXPORT_FORMATS[name](export_cfg)
 
 
-def format_names() -> list[str]:
-    _register_builtin_formats()
-    return list(EXPORT_FORMATS)
+def format_names(load: bool = True) -> list[str]:
+    """The registered format names (load=False: without importing the built-in formats' modules)."""
+    if load:
+        _register_builtin_formats()
+    return list(dict.fromkeys([*BUILTIN_FORMATS, *EXPORT_FORMATS]))
 
 
 def _register_builtin_formats() -> None:
-    from modular.export import dense, moe  # noqa: F401  (registration)
+    import importlib
+
+    for module in dict.fromkeys(BUILTIN_FORMATS.values()):
+        importlib.import_module(module)

@@ -50,9 +50,9 @@ def hf_logits(hf_model) -> Callable[[Tensor], Tensor]:
 
 def load_hf_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """An exported folder loaded the way a user would: AutoModelForCausalLM, offline, no custom code."""
-    from transformers import AutoModelForCausalLM
+    from modular.hf_folders import auto_causal_lm
 
-    return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype).eval()
+    return auto_causal_lm(folder, dtype=dtype).eval()
 
 
 def evaluate(model_or_fn, eval_batches: Mapping[str, Sequence[Batch]]) -> dict[str, dict]:

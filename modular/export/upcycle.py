@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from modular.errors import CheckpointError, ConfigError
+from modular.errors import CheckpointError, ConfigError, DataError
 from modular.export.adapters import LlamaAdapter, _get
 from modular.export.writer import load_safetensors_folder
+from modular.hf_folders import refuse_custom_code
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 GGUF_INSTALL_HINT = 'reading GGUF files needs the gguf package; install it with pip install "modular-moe[gguf]"'
@@ -103,6 +104,7 @@ def modular_overrides(hf_config) -> list[str]:
 
 def _read_hf_folder(folder: Path) -> tuple[dict, dict]:
     """(config.json as a dict, HF state dict) of a safetensors folder; no code from the folder is run."""
+    refuse_custom_code(folder)
     try:
         hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -121,19 +123,20 @@ def _read_gguf(folder: Path, gguf_file: str, dtype: torch.dtype) -> tuple[object
     """(HF config, HF state dict) of a GGUF file, dequantised by transformers' GGUF loader."""
     if not gguf_available():
         raise ConfigError(GGUF_INSTALL_HINT + ".")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from modular.hf_folders import auto_causal_lm, auto_config
 
     path = folder / gguf_file
     try:
-        hf_config = AutoConfig.from_pretrained(str(folder), gguf_file=gguf_file, local_files_only=True)
+        hf_config = auto_config(folder, gguf_file=gguf_file)
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001  (gguf: ValueError/KeyError/struct errors on a corrupt file)
         raise CheckpointError(f"{path} is not a readable GGUF model ({_first_line(exc)}).") from None
     misfits = llama_misfits(hf_config)
     if misfits:
         raise ConfigError(f"{path} cannot be loaded as a Llama model: {'; '.join(misfits)}.")
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, local_files_only=True,
-                                                        dtype=dtype)
+        hf_model = auto_causal_lm(folder, gguf_file=gguf_file, dtype=dtype)
     except Exception as exc:  # noqa: BLE001  (transformers/gguf raise many types; all mean "cannot load it")
         raise CheckpointError(f"{path} could not be dequantised into a Llama model ({_first_line(exc)}).") from None
     return hf_model.config, hf_model.state_dict()
@@ -162,11 +165,13 @@ def load_hf_llama(source: str | os.PathLike, *, dtype: torch.dtype = torch.float
     cfg = compose_config(modular_overrides(hf_config) + list(overrides or []))
     state = LlamaAdapter().from_hf(hf_state, hf_config)
     model = build_model(cfg)
-    try:
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"the weights in {source} do not fit the model its config describes ({_first_line(exc)}).") \
-            from None
+    from modular.train.checkpoint import describe_mismatch
+
+    problems = describe_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                                 {k: tuple(v.shape) for k, v in state.items()})
+    if problems:
+        raise CheckpointError(f"the weights in {source} do not fit the model its config describes ({problems}).")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
     return model.to(dtype), cfg
 
 
@@ -175,12 +180,14 @@ def write_source_tokenizer(folder: Path, gguf_file: str | None, target: Path, re
 
     Returns False, without writing, when the source has no tokenizer and `required` is False.
     """
-    from transformers import AutoTokenizer
+    from modular.hf_folders import auto_tokenizer
 
     if gguf_file is not None and not gguf_available():
         raise ConfigError(GGUF_INSTALL_HINT + ".")
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file, local_files_only=True)
+        tok = auto_tokenizer(folder, gguf_file=gguf_file)
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001  (no tokenizer files, or GGUF without tokenizer metadata)
         if not required:
             return False

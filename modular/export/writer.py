@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from modular.atomic import atomic_write_json, atomic_write_text, fsync_dir
+from modular.atomic import atomic_write_json, atomic_write_text, follow_umask, fsync_dir
 from modular.errors import ConfigError
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -40,7 +40,8 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} is a file; name a folder for the export.")
     if out.exists() and not overwrite:
-        raise ConfigError(f"output folder {out} already exists; choose a new folder or pass overwrite=True.")
+        raise ConfigError(f"output folder {out} already exists; choose a new folder or set export.overwrite=true "
+                          "(overwrite=True from Python).")
     return out
 
 
@@ -56,8 +57,9 @@ def staged_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         yield tmp
-        for file in tmp.iterdir():  # make the contents durable before the rename publishes them
-            if file.is_file():
+        for file in [tmp, *tmp.rglob("*")]:
+            follow_umask(file)  # mkdtemp (0700) and safetensors (0600) are private; an export is meant to be shared
+            if file.is_file():  # make the contents durable before the rename publishes them
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
         if out.exists():

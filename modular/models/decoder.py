@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modular.config import experts_per_moe_layer, moe_layer_indices
 from modular.models.adapters import adapted, place
 from modular.models.attention import Attention
+from modular.models.config import experts_per_moe_layer, moe_layer_indices
 from modular.models.ffn import SwiGLUFFN
 from modular.models.moe import MoELayer
 from modular.models.norm import RMSNorm

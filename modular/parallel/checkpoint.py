@@ -91,19 +91,9 @@ def load_model_weights(model, folder: Path, ctx) -> None:
     for name, (_start, _stop, full) in sharded.items():
         if name in expected:
             expected[name] = (full,) + expected[name][1:]  # compare with the whole stack, then slice
-    missing = sorted(set(expected) - set(loaded))
-    unexpected = sorted(set(loaded) - set(expected))
-    mismatched = sorted(f"{k} {tuple(loaded[k].shape)} vs model {expected[k]}"
-                        for k in set(loaded) & set(expected) if tuple(loaded[k].shape) != expected[k])
-    if missing or unexpected or mismatched:
-        parts = []
-        if mismatched:
-            parts.append(f"shape mismatch: {', '.join(mismatched[:6])}")
-        if missing:
-            parts.append(f"missing from the checkpoint: {', '.join(missing[:6])}")
-        if unexpected:
-            parts.append(f"not in the model: {', '.join(unexpected[:6])}")
-        raise CheckpointError(f"Checkpoint {folder} does not fit this model ({'; '.join(parts)}).")
+    problems = ckpt.describe_mismatch(expected, {name: tuple(t.shape) for name, t in loaded.items()})
+    if problems:
+        raise CheckpointError(f"Checkpoint {folder} does not fit this model ({problems}).")
     for name, (start, stop, _) in sharded.items():
         loaded[name] = loaded[name][start:stop]
     model.load_state_dict(loaded, strict=False)
@@ -128,4 +118,8 @@ def load_optimizer_state(optimizer, model, folder: Path, ctx) -> None:
             k: v[start:stop] if torch.is_tensor(v) and v.dim() == p.dim() and v.shape[0] == full else v
             for k, v in state["state"][index].items()
         }
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, ValueError, TypeError) as exc:  # not an optimizer state, or one of other parameters
+        raise CheckpointError(f"Checkpoint file {Path(folder) / 'optimizer.pt'} does not hold this model's optimizer "
+                              f"state ({type(exc).__name__}); it cannot be resumed.") from None

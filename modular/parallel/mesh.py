@@ -91,6 +91,23 @@ class ParallelContext:
             raise error
         return fn()
 
+    def main_only(self, fn):
+        """fn() on rank 0 alone (e.g. locking the run folder); an error there is raised on every rank."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except BaseException as exc:  # noqa: BLE001  (the other ranks must stop too, not wait for us)
+                error = exc
+        shared = self.broadcast_object(
+            None if error is None else error if isinstance(error, UserError) else
+            RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}"))
+        if error is not None:
+            raise error
+        if shared is not None:
+            raise shared
+        return result
+
 
 def current() -> ParallelContext | None:
     """The context `init_parallel` set up in this process, or None for a single-process run."""

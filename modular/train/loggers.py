@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from modular.atomic import atomic_write_text
+from modular.atomic import atomic_write_text, read_jsonl
 
 
 class JsonlLogger:
@@ -19,10 +19,10 @@ class JsonlLogger:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            # Records past the checkpoint we resume from are replayed by the resumed run: drop them.
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            # Records past the checkpoint we resume from are replayed by the resumed run: drop them (and a
+            # torn last line, which a crash or a full disk leaves behind).
+            kept = [r for r in read_jsonl(self.path) if not isinstance(r, dict) or r.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (open for the logger's life)
 
     def log(self, record: dict) -> None:

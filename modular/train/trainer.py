@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from modular.errors import UserError
-from modular.models.structure import apply_structure, model_structure
-from modular.parallel import checkpoint as parallel_ckpt
+from modular.models.structure import model_structure
 from modular.parallel import data_parallel
 from modular.parallel.expert_parallel import parallelize_moe_layers
 from modular.parallel.mesh import current as current_parallel
+from modular.run.checkpointer import checkpointer_for
+from modular.run.setup import autocast_for, resolve_device
 from modular.train import checkpoint as ckpt
-from modular.train.evaluate import evaluate, format_eval_table
+from modular.train.evaluate import evaluate
 from modular.train.loggers import JsonlLogger, Loggers, WandbLogger
 from modular.train.optimizer import build_optimizer
 from modular.train.schedule import schedule_from_config
@@ -34,22 +35,6 @@ class TrainingError(UserError):
     """Training cannot go on (e.g. the loss stayed non-finite); exit code 1."""
 
     exit_code = 1
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda was asked for, but no CUDA device is available; use auto or cpu.")
-    return torch.device(name)
-
-
-def autocast_for(dtype: str, device: torch.device):
-    """fp32 on the CPU by default; bf16 autocast where the device supports it."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if not use_bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 class _StopRequest:
@@ -78,7 +63,7 @@ class Trainer:
     """Train `model` on `loader` (a MixtureLoader), evaluating on `val_sets` ({domain: ValidationSet})."""
 
     def __init__(self, cfg, run_dir: str | Path, model, loader, val_sets: dict, *, config_record: dict | None = None,
-                 step_offset: int = 0, log_prefix: dict | None = None, parallel=None):
+                 log_prefix: dict | None = None, parallel=None):
         self.cfg = cfg
         self.tcfg = cfg.train
         self.run_dir = Path(run_dir)
@@ -94,6 +79,7 @@ class Trainer:
                 f"This process is one of WORLD_SIZE={os.environ['WORLD_SIZE']} started by torchrun, but its command "
                 "did not set up modular.parallel (init_parallel); run it as one process or use `modular train`."
             )
+        self.checkpointer = checkpointer_for(self.parallel)  # one process, or gathered on save under torchrun
         self.device = resolve_device(self.tcfg.device)
         self.autocast = autocast_for(self.tcfg.dtype, self.device)
         self.model.to(self.device)
@@ -123,32 +109,18 @@ class Trainer:
                 "structure": model_structure(self.model), "last_eval": self.last_eval}
 
     def save(self) -> Path:
-        if self.parallel is not None:  # gather-on-save: rank 0 writes the single-process checkpoint
-            return parallel_ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
-                                                 self.trainer_state(), self.config_record, self.parallel,
-                                                 keep=self.tcfg.keep_checkpoints)
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
-                                    self.config_record, keep=self.tcfg.keep_checkpoints)
+        return self.checkpointer.save(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
+                                      self.config_record, keep=self.tcfg.keep_checkpoints)
 
-    def resume(self) -> bool:
-        """Continue from the run folder's latest checkpoint, if it has one."""
-        folder = ckpt.latest_checkpoint(self.run_dir)
+    def resume(self, checkpoint: Path | None = None) -> bool:
+        """Continue from `checkpoint` (verified), else from the run folder's latest checkpoint, if it has one."""
+        folder = checkpoint or ckpt.find_resume_checkpoint(self.run_dir, how_to_go_back=None)
         if folder is None:
             return False
-        ckpt.verify_checkpoint(folder)
-        state = ckpt.read_trainer_state(folder)
-        apply_structure(self.model, state.get("structure", {}))
-        self.model.to(self.device)
-        if self.parallel is None:
-            ckpt.load_model_weights(self.model, folder)
-        else:  # each rank slices the full checkpoint to its experts; DDP follows the (new) parameters
-            parallel_ckpt.load_model_weights(self.model, folder, self.parallel)
-            self.forward_model = self._forward_model()
+        state = self.checkpointer.restore(self.model, folder, self.device)
+        self.forward_model = self._forward_model()  # DDP and compile follow the (possibly new) parameters
         self.optimizer = build_optimizer(self.model, self.tcfg)  # the structure may have changed the parameters
-        if self.parallel is None:
-            ckpt.load_optimizer_state(self.optimizer, folder)
-        else:
-            parallel_ckpt.load_optimizer_state(self.optimizer, self.model, folder, self.parallel)
+        self.checkpointer.restore_optimizer(self.optimizer, self.model, folder)
         self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
@@ -301,6 +273,3 @@ class Trainer:
             self.run_eval(Loggers([]))
         return self.last_eval or {}
 
-
-def summary_table(results: dict) -> str:
-    return format_eval_table(results)

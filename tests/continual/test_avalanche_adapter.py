@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("avalanche")
+pytest.importorskip("avalanche", reason="needs the avalanche extra (pip install -e '.[avalanche]')")
 
 from modular.cli import main
 from modular.config import compose_config

@@ -1,5 +1,6 @@
 """`modular continual` end to end on the embedded sample: report, plots, strategies, bad input, resume."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -111,7 +112,14 @@ def _stage_steps(run: Path) -> list[int]:
     return [st["steps"] for st in report(run)["stages"]]
 
 
-@pytest.mark.parametrize("strategy", ["add_freeze", "add_freeze_trunk", "add_freeze_distill", "ewc", "avalanche_replay"])
+NEEDS_AVALANCHE = pytest.mark.skipif(importlib.util.find_spec("avalanche") is None,
+                                     reason="runs through Avalanche: needs the avalanche extra "
+                                            "(pip install -e '.[avalanche]')")
+
+
+@pytest.mark.parametrize("strategy", ["add_freeze", "add_freeze_trunk", "add_freeze_distill",
+                                      pytest.param("ewc", marks=NEEDS_AVALANCHE),
+                                      pytest.param("avalanche_replay", marks=NEEDS_AVALANCHE)])
 def test_stream_starts_from_a_base_model_that_knows_the_first_domain(strategy, tmp_path):
     """first_stage_steps=0 with train.init_from: stage 0 only evaluates the initial model, which is the base."""
     base = tmp_path / "base"

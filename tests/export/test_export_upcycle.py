@@ -148,7 +148,7 @@ def test_source_tokenizer_is_saved_for_training(llama_folder, tmp_path):
 
 def write_tiny_gguf(hf, path):
     """A float32 GGUF of an HF Llama, written the way llama.cpp's converter does (q/k rows permuted)."""
-    gguf = pytest.importorskip("gguf")
+    gguf = pytest.importorskip("gguf", reason="needs the gguf extra (pip install -e '.[gguf]')")
     c = hf.config
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in hf.state_dict().items()}
 

@@ -50,6 +50,11 @@ class Strategy:
         """The piece classes whose checks apply (validation runs before any piece exists)."""
         return [policies.Distillation, policies.RouterReview]
 
+    @classmethod
+    def grows_experts(cls) -> bool:
+        """True when its stages add continual.add_experts experts per MoE layer (memory budgets ask)."""
+        return any(issubclass(p, (policies.Growth, policies.DomainRoutes)) for p in cls.piece_types())
+
     def mixture(self, s: int) -> dict[str, float]:
         """Domain weights of stage s's training batches."""
         return policies.new_domain_only(self.c, s)
