@@ -5,7 +5,8 @@ Corpus paths (`train`, `val`, `tokenizer.path`) are one of:
   * an absolute path, or a path relative to the current working directory (`~` is expanded);
   * `pkg://<package>/<path inside it>`, e.g. `pkg://modular/data/sample/en/train.jsonl`, which finds
     the embedded sample wherever the package is installed and from any working directory.
-`train` and `val` may also name a directory (every .jsonl and .txt file below it) or a glob.
+`train` and `val` may also name a directory (every corpus file below it) or a glob. Corpus files are
+.jsonl and .txt (plain, .gz or .zst), .parquet and .arrow, and folders written by `datasets.save_to_disk`.
 """
 
 # OmegaConf 2.3 reads typing.Optional / typing.Dict in structured configs but not `X | None` or `dict[...]`.
@@ -34,9 +35,10 @@ _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 class DomainConfig:
     """One domain: where its text is, and how often the training mixture draws from it."""
 
-    train: str = MISSING  # file, directory or glob of .jsonl / .txt
+    train: str = MISSING  # file, directory or glob of corpus files (see modular.data.formats)
     val: Optional[str] = None  # None: split `train` by document hash (see modular.data.split)
     weight: float = 1.0  # relative sampling weight in the training mixture
+    text_field: Optional[str] = None  # the JSON key / column holding the text; None: data.text_field
 
 
 @dataclass
@@ -55,7 +57,7 @@ class DataConfig:
     num_workers: int = 2  # tokenisation processes; 0 or 1 tokenises in this process
     val_fraction: float = 0.05  # share of documents held out when a domain has no `val` path
     on_bad_bytes: str = "error"  # error | replace (invalid UTF-8 becomes U+FFFD)
-    text_field: str = "text"  # the JSON Lines key holding a document's text
+    text_field: str = "text"  # the JSON Lines key (or Parquet/Arrow column) holding a document's text
 
 
 SAMPLE_DOMAINS = ("en", "de", "fr", "es", "code_py")
@@ -99,7 +101,7 @@ def as_data_config(cfg: DataConfig | DictConfig | dict) -> DataConfig:
             merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
             cfg = OmegaConf.to_object(merged)
         except MissingMandatoryValue as e:
-            raise ConfigError(f"data.{e.full_key} is required: a .jsonl/.txt file, a directory or a glob.") \
+            raise ConfigError(f"data.{e.full_key} is required: a corpus file, a directory or a glob.") \
                 from None
         except OmegaConfBaseException as e:
             key = f"data.{e.full_key}" if getattr(e, "full_key", None) else "the data config"
@@ -116,13 +118,16 @@ def validate_data_config(cfg: DataConfig) -> DataConfig:
         if not _DOMAIN_NAME.match(str(name)):
             raise ConfigError(f"domain name {name!r} is not allowed; use letters, digits, '_', '.' or '-'.")
         if not isinstance(dom.train, str) or not dom.train or dom.train == MISSING:
-            raise ConfigError(f"data.domains.{name}.train is required: a .jsonl/.txt file, a directory "
+            raise ConfigError(f"data.domains.{name}.train is required: a corpus file, a directory "
                               "or a glob.")
         if dom.val is not None and not dom.val:
             raise ConfigError(f"data.domains.{name}.val is an empty string; give a path, or null for the "
                               "hash split.")
         if not (isinstance(dom.weight, (int, float)) and math.isfinite(dom.weight) and dom.weight > 0):
             raise ConfigError(f"data.domains.{name}.weight={dom.weight!r} is not allowed; use a number > 0.")
+        if dom.text_field is not None and not dom.text_field:
+            raise ConfigError(f"data.domains.{name}.text_field is an empty string; name the JSON key or column "
+                              "holding the text, or null for data.text_field.")
     tok = cfg.tokenizer
     if tok.kind not in TOKENIZER_KINDS:
         raise ConfigError(f"data.tokenizer.kind={tok.kind!r} is unknown; "
