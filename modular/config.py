@@ -250,9 +250,14 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    overrides = list(overrides or [])
+    from modular.data.config import apply_domain_overrides, check_domain_override, is_domain_override
+
+    domain_overrides = [o for o in overrides or [] if is_domain_override(o)]  # applied after composing
+    overrides = [o for o in overrides or [] if not is_domain_override(o)]
     for override in overrides:
         _check_override(override)
+    for override in domain_overrides:
+        check_domain_override(override)
     register_configs()
     if not CONFIG_DIR.is_dir():
         raise ConfigError(f"Config folder '{CONFIG_DIR}' does not exist; set MODULAR_CONFIG_DIR to the configs/ folder.")
@@ -264,6 +269,7 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
         raise ConfigError(_one_sentence(exc)) from None
     finally:
         GlobalHydra.instance().clear()
+    apply_domain_overrides(cfg, domain_overrides)
     try:
         OmegaConf.resolve(cfg)
     except Exception as exc:  # noqa: BLE001  (an interpolation error of any type is the user's input)
