@@ -558,6 +558,10 @@ def validate_train(cfg) -> None:
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device='{t.device}' is unknown; allowed: auto, cpu, cuda.")
     _require(isinstance(t.threads, int) and t.threads >= 0,
              f"train.threads={t.threads} is not allowed; it must be an integer >= 0 (0 = torch's default).")
+    if t.tensorboard.enabled:
+        from modular.train.loggers import require_tensorboard
+
+        require_tensorboard()
 
 
 def to_dict(cfg) -> dict:

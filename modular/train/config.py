@@ -14,6 +14,12 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    enabled: bool = False  # needs the tensorboard package: pip install "modular-moe[tensorboard]"
+    dir: Optional[str] = None  # event files go here; None: <run.dir>/tensorboard
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 300
     batch_size: int = 16
@@ -42,4 +48,5 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     progress: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
     init_from: Optional[str] = None  # a checkpoint folder (model.safetensors) to start from when run.dir has none
