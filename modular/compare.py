@@ -246,5 +246,5 @@ def compare_command(args: list[str]) -> int:
         else:
             paths.append(arg)
         i += 1
-    result = compare_paths(paths, out)
-    return 0 if all(r["status"] == "done" for r in result["rows"]) else 1
+    compare_paths(paths, out)
+    return 0  # the comparison worked; failed or unfinished runs are rows of it

@@ -81,7 +81,7 @@ def test_three_member_sweep_with_a_failing_member_then_resume_and_compare(tmp_pa
     val = [m["eval"]["en"]["loss"] for m in metrics if "eval" in m][-1]
     assert f"| train.lr=0.01 | done | 3 | 192 | {last_loss:.4f} | {val:.4f} | en {val:.3f} |" in printed
     assert "| train.lr=oops | failed | train.lr=oops is not allowed; it must be a number. |" in printed
-    assert (tmp_path / "cmp" / "compare.md").read_text().count("| train.lr=") == 3
+    assert (tmp_path / "cmp" / "compare.md").read_text().count("\n| train.lr=") == 3
     assert (tmp_path / "cmp" / "compare.png").is_file()
 
 
@@ -133,7 +133,7 @@ def test_a_continual_sweep_on_a_domain_added_from_the_command_line(tmp_path, cap
         assert row["plasticity"] == report["plasticity"][1] and row["flops"] == report["flops_total"]
         assert (row["params_total"], row["params_active"]) == (report["params_total"][-1], report["params_active"][-1])
     assert rows[2]["params_total"] > rows[0]["params_total"]  # add_freeze grew experts for legal
-    assert rows[2]["params_active"] == rows[0]["params_active"]
+    assert rows[2]["params_active"] == pytest.approx(rows[0]["params_active"], rel=0.01)  # only router rows grew
     table = result["markdown"]
     assert f"| continual=add_freeze | done | add_freeze | {rows[2]['final_average_perplexity']:.2f} |" in table
 

@@ -301,7 +301,8 @@ def _column_batches(files: list[Path], field: str, source: Path):
         if f.suffix == ".parquet":
             pq = require("pyarrow.parquet", f"Reading {f.name}")
             try:
-                pfile = pq.ParquetFile(f)
+                # Streamed page by page: without these a whole row group's column is read at once.
+                pfile = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
             except (pa.ArrowException, OSError) as e:
                 raise DataError(f"{f} is not a readable Parquet file ({e}).") from None
             _check_column(f, pfile.schema_arrow, field, pa)
