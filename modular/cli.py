@@ -26,7 +26,6 @@ Commands:
             (upcycle.num_experts=E run.dir=RUN) that modular train / continual continue
   eval      print per-domain validation loss, perplexity and bits per byte of run.dir's latest checkpoint
   tokenizer train   train a byte-level BPE tokenizer on data= (tokenizer.vocab_size=N tokenizer.out=DIR)
-
   compare   RUN_OR_SWEEP... [--out DIR]: the runs' key figures side by side; writes compare.md, compare.png
 
 Overrides select presets (model=tiny experts=lowrank routing=expert_choice) and set values
@@ -136,7 +135,8 @@ NO_CONFIG = ("compare",)  # commands that compose no config: their arguments pas
 
 
 def command_help(name: str) -> str:
-    from modular.config import GROUP_SCHEMAS, group_presets, user_config_dirs
+    from modular.config import GROUP_SCHEMAS, group_presets
+    from modular.config_path import user_config_dirs
 
     if name in NO_CONFIG:
         from modular.compare import USAGE as compare_usage
@@ -166,7 +166,7 @@ def split_options(args: list[str]) -> tuple[dict, list[str]]:
         if name in ("--config-dir", "-cd", "--cfg", "-c") and arg.startswith("-"):
             if not eq:
                 if i + 1 >= len(args):
-                    raise ConfigError(f"{name} needs a value, e.g. {name} {'DIR' if 'd' in name[-2:] else 'job'}.")
+                    raise ConfigError(f"{name} needs a value, e.g. {name} {'DIR' if name in ('--config-dir', '-cd') else 'job'}.")
                 inline, i = args[i + 1], i + 1
             if name in ("--config-dir", "-cd"):
                 options["config_dirs"].append(inline)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(name: str, args: list[str]) -> int:
-    from modular.config import use_config_dirs
+    from modular.config_path import use_config_dirs
 
     if name in NO_CONFIG:
         if any(a in ("-h", "--help") for a in args):

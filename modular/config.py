@@ -10,11 +10,11 @@ import dataclasses
 import math
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+from modular.config_path import config_search_path, hydra_with_search_path
 from modular.continual.config import ContinualConfig
 from modular.data.config import DataConfig
 from modular.errors import ConfigError
@@ -150,66 +150,9 @@ def register_configs() -> None:
 
 def group_presets(group: str) -> list[str]:
     """The presets of a group in every config folder of the search path (user folders and the packaged one)."""
-    names = {p.stem for root in config_search_path() if (root / group).is_dir() for p in (root / group).glob("*.yaml")}
+    names = {p.stem for root in config_search_path(CONFIG_DIR) if (root / group).is_dir()
+             for p in (root / group).glob("*.yaml")}
     return sorted(names)
-
-
-# ---------------------------------------------------------------------------------------------
-# The config search path: user folders whose groups and presets add to or override the packaged ones.
-
-_cli_config_dirs: list[str] = []  # `--config-dir DIR` options of the running command (modular.cli)
-
-
-def user_config_dirs() -> list[Path]:
-    """User config folders, first match wins: --config-dir folders in the order given, then MODULAR_CONFIG_PATH's."""
-    entries = [(d, "--config-dir") for d in _cli_config_dirs]
-    entries += [(d, "MODULAR_CONFIG_PATH") for d in os.environ.get("MODULAR_CONFIG_PATH", "").split(os.pathsep) if d]
-    folders = []
-    for entry, source in entries:
-        folder = Path(entry).expanduser().absolute()
-        if not folder.is_dir():
-            raise ConfigError(f"Config folder '{entry}' (from {source}) does not exist; give a folder that holds "
-                              "config groups such as data/ or model/.")
-        if folder not in folders:
-            folders.append(folder)
-    return folders
-
-
-def config_search_path() -> list[Path]:
-    """Every config folder, in the order hydra searches them: user folders first, then the packaged presets."""
-    return [*user_config_dirs(), CONFIG_DIR]
-
-
-@contextmanager
-def use_config_dirs(folders: list[str]):
-    """Add user config folders (the CLI's --config-dir) for the duration of a command."""
-    global _cli_config_dirs
-    saved = _cli_config_dirs
-    _cli_config_dirs = [*saved, *[str(f) for f in folders]]
-    try:
-        yield
-    finally:
-        _cli_config_dirs = saved
-
-
-@contextmanager
-def _hydra_with_search_path():
-    """Like hydra's initialize_config_dir, with the user folders searched before the packaged one."""
-    from hydra import version
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.global_hydra import GlobalHydra
-
-    version.setbase("1.3")
-    search_path = create_config_search_path(str(CONFIG_DIR))
-    for folder in reversed(user_config_dirs()):  # each goes right after hydra's own configs, before ours
-        search_path.append("modular-user", str(folder), anchor="hydra")
-    GlobalHydra.instance().clear()
-    Hydra.create_main_hydra2(task_name="modular", config_search_path=search_path)
-    try:
-        yield
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def _dataclass_fields(schema) -> dict[str, dataclasses.Field]:
@@ -322,7 +265,7 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
     if not CONFIG_DIR.is_dir():
         raise ConfigError(f"Config folder '{CONFIG_DIR}' does not exist; set MODULAR_CONFIG_DIR to the configs/ folder.")
     try:
-        with _hydra_with_search_path():
+        with hydra_with_search_path(CONFIG_DIR):
             cfg = compose(config_name=config_name, overrides=overrides)
     except Exception as exc:  # noqa: BLE001  (hydra/omegaconf raise many types; all are user input)
         raise ConfigError(_one_sentence(exc)) from None
@@ -345,12 +288,12 @@ def composition_record(overrides: list[str] | None = None, config_name: str = "c
     overrides = [o for o in overrides or [] if not is_domain_override(o)]
     register_configs()
     try:
-        with _hydra_with_search_path():
+        with hydra_with_search_path(CONFIG_DIR):
             cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     except Exception as exc:  # noqa: BLE001  (hydra/omegaconf raise many types; all are user input)
         raise ConfigError(_one_sentence(exc)) from None
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-    return {"searchpath": [str(p) for p in config_search_path()],
+    return {"searchpath": [str(p) for p in config_search_path(CONFIG_DIR)],
             "runtime": {"choices": {group: choices[group] for group in GROUP_SCHEMAS if group in choices}}}
 
 

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from modular.cli import main
-from modular.config import compose_config, to_dict, use_config_dirs
+from modular.config import compose_config, to_dict
+from modular.config_path import use_config_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 
