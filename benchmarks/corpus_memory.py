@@ -36,15 +36,17 @@ COMMON_WORDS = ("the of and to in a is that for it as was with be by on not he t
 WORDS = tuple(COMMON_WORDS.split())
 
 BUILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from modular.data.config import DataConfig, DomainConfig
 from modular.data.shards import build_domain_shards
 path, cache, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = DataConfig(domains={"bench": DomainConfig(train=path)}, cache_dir=cache, num_workers=workers)
 start = time.perf_counter()
 shard = build_domain_shards(cfg, "bench", "train", progress=False)
+# VmHWM, not ru_maxrss: Linux carries the parent's peak across exec into ru_maxrss, never into VmHWM.
+hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"seconds": time.perf_counter() - start, "tokens": shard.num_tokens, "docs": shard.num_docs,
-                  "text_bytes": shard.num_bytes, "self_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "text_bytes": shard.num_bytes, "self_peak_rss": hwm}))
 """
 
 
