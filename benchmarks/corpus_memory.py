@@ -1,6 +1,6 @@
 """Peak memory of tokenising a corpus of a few GB in every format, through the real shard builder.
 
-Writes a synthetic corpus (unique documents of random sentences, ~3 KB each) as .jsonl, .jsonl.gz,
+Writes a synthetic corpus (unique documents of random sentences, ~1.8 KB each) as .jsonl, .jsonl.gz,
 .jsonl.zst, Parquet and a datasets.save_to_disk folder into a temporary folder, then tokenises each
 in a fresh process with `modular.data.shards.build_domain_shards` (what `modular train` runs; byte
 tokenizer, the train side of the 5% hash split, 2 tokenising processes) and prints per format: wall
@@ -51,7 +51,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "tokens": shard.num_to
 
 
 def write_jsonl(path: Path, total_bytes: int, seed: int = 0) -> Path:
-    """Unique documents of ~3 KB: random sentences of common words, each numbered; one JSON object a line."""
+    """Unique documents of ~1.8 KB: random sentences of common words, each numbered; one JSON object a line."""
     rng = np.random.default_rng(seed)
     sentences = [" ".join(rng.choice(WORDS, size=rng.integers(6, 20))).capitalize() + "."
                  for _ in range(50_000)]
