@@ -1,9 +1,11 @@
 """Continual strategies side by side on the real corpora: en → de → code_py → fr, equal budget per stage.
 
 Runs `modular continual` once per strategy (naive, replay 5% and 25%, EWC through Avalanche, add+freeze,
-add+freeze+merge to a budget, joint) with the same model, stream, steps and batch per stage, then prints
-final average perplexity, mean forgetting on earlier domains, new-domain perplexity (mean of each
-domain's perplexity right after its own stage), parameters and training FLOPs per strategy.
+add+freeze+merge to a budget, joint) with the same model, stream, steps and batch per stage, as the
+members of one sweep (modular.sweep: the --out folder, sweep.json), then prints `modular compare`'s
+table of it: final average perplexity, mean forgetting on earlier domains, new-domain perplexity (mean of
+each domain's perplexity right after its own stage), final perplexity per domain, parameters and
+training FLOPs per strategy (also written to --out/compare.md and compare.png).
 
 With --base-steps N, stage 0 is shared: one naive run trains the base model on en for N steps, and
 every strategy starts from it (`train.init_from`, `continual.first_stage_steps=0`: its stage 0 only
@@ -11,13 +13,12 @@ evaluates the base), so the strategies differ only in how they add de, code_py a
 
     python benchmarks/continual_stream.py [--steps 150] [--base-steps 800] [--out runs/bench-continual]
                                           [--only add_freeze,naive] [overrides ...]
-Runs resume: rerunning with the same --out reuses finished strategies (and the base).
+Runs resume: rerunning with the same --out and overrides skips finished strategies (and the base).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -100,35 +101,18 @@ def main() -> None:
                 raise SystemExit("the base run failed")
             print(f"base: {time.perf_counter() - start:.0f} s")
         common += ["continual.first_stage_steps=0", f"train.init_from={latest_checkpoint(base)}"]
-    chosen = [s for s in STRATEGIES if not wanted or s in wanted]
-    rows = []
-    for name in chosen:
-        # a folder name without the characters hydra reads in an override value (',' lists, '()' calls)
-        run = Path(args.out) / name.replace(" ", "_").replace("%", "pct").replace("+", "_").replace("(", "").replace(
-            ")", "").replace(",", "")
-        if not (run / "report.json").exists():
-            start = time.perf_counter()
-            code = cli(["continual", *common, *STRATEGIES[name], f"run.dir={run}"])
-            if code != 0:
-                print(f"{name}: failed with exit code {code}")
-                continue
-            print(f"{name}: {time.perf_counter() - start:.0f} s")
-        rows.append((name, json.loads((run / "report.json").read_text())))
+    from modular.compare import compare_paths
+    from modular.sweep import Member, run_sweep
+
+    members = [Member("", name, STRATEGIES[name]) for name in STRATEGIES if not wanted or name in wanted]
+    code = run_sweep("continual", common, members, args.out, compare=False)
 
     base_note = f" after a shared base of {args.base_steps} steps on en" if args.base_steps else ""
     print(f"\n# continual stream en → de → code_py → fr, {args.steps} steps per stage{base_note}; {platform.machine()}, "
           f"overrides: {' '.join(args.overrides) or '(defaults)'}")
-    header = ("| strategy | final avg ppl | mean forgetting (earlier domains) | new-domain ppl (mean) | "
-              "ppl after last stage (en, de, code_py, fr) | params total / active (final) | training FLOPs |")
-    print(header)
-    print("|---|---:|---:|---:|---|---:|---:|")
-    for name, r in rows:
-        later = r["plasticity"][1:]
-        forgetting = r["mean_forgetting_relative"]
-        print(f"| {name} | {r['final_average_perplexity']:.2f} | "
-              f"{forgetting * 100:+.1f}% | {sum(later) / len(later):.2f} | "
-              f"{', '.join(f'{x:.2f}' for x in r['matrix'][-1])} | "
-              f"{r['params_total'][-1] / 1e6:.2f}M / {r['params_active'][-1] / 1e6:.2f}M | {r['flops_total']:.3e} |")
+    compare_paths([args.out], out=args.out)
+    if code != 0:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

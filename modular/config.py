@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modular.config_path import config_search_path, hydra_with_search_path
 from modular.continual.config import ContinualConfig, validate_continual_values
 from modular.data.config import DataConfig
 from modular.errors import ConfigError
@@ -25,7 +26,8 @@ from modular.run.config import RunConfig, validate_run
 from modular.train.config import TrainConfig, validate_train
 
 # The presets ship inside the package (configs/ at the repository root is a link to them), so an installed
-# wheel composes the same configs as a checkout; MODULAR_CONFIG_DIR points elsewhere.
+# wheel composes the same configs as a checkout; MODULAR_CONFIG_DIR points elsewhere (and replaces them),
+# while --config-dir and MODULAR_CONFIG_PATH add user folders in front of them (config_search_path).
 CONFIG_DIR = Path(os.environ.get("MODULAR_CONFIG_DIR", Path(__file__).resolve().parent / "configs"))
 
 # Each group's schema and validator live with its package; they are re-exported here for callers that
@@ -109,8 +111,10 @@ def register_configs() -> None:
 
 
 def group_presets(group: str) -> list[str]:
-    folder = CONFIG_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    """The presets of a group in every config folder of the search path (user folders and the packaged one)."""
+    names = {p.stem for root in config_search_path(CONFIG_DIR) if (root / group).is_dir()
+             for p in (root / group).glob("*.yaml")}
+    return sorted(names)
 
 
 def _dataclass_fields(schema) -> dict[str, dataclasses.Field]:
@@ -231,24 +235,27 @@ def parse_override(override: str):
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "config"):
     """Compose the hydra config from `configs/` and the overrides, then validate it. Returns a DictConfig."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from hydra import compose
     from omegaconf import OmegaConf
 
+    from modular.data.config import apply_domain_overrides, check_domain_override, is_domain_override
+
     overrides = [quote_non_ascii(o) for o in overrides or []]
+    domain_overrides = [o for o in overrides if is_domain_override(o)]  # applied after composing
+    overrides = [o for o in overrides if not is_domain_override(o)]
     if not CONFIG_DIR.is_dir():  # before the overrides, whose preset names are looked up there
         raise ConfigError(f"Config folder '{CONFIG_DIR}' does not exist; set MODULAR_CONFIG_DIR to the configs/ folder.")
     for override in overrides:
         _check_override(override)
+    for override in domain_overrides:
+        check_domain_override(override)
     register_configs()
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        with hydra_with_search_path(CONFIG_DIR):
             cfg = compose(config_name=config_name, overrides=overrides)
     except Exception as exc:  # noqa: BLE001  (hydra/omegaconf raise many types; all are user input)
         raise ConfigError(_unreadable(overrides, exc) or _one_sentence(exc)) from None
-    finally:
-        GlobalHydra.instance().clear()
+    apply_domain_overrides(cfg, domain_overrides)
     try:
         OmegaConf.resolve(cfg)
     except Exception as exc:  # noqa: BLE001  (an interpolation error of any type is the user's input)
@@ -276,6 +283,25 @@ def _unreadable(overrides: list[str], exc: BaseException) -> str | None:
     how = ("quote each list element that holds them, e.g. [a,'é']" if value.startswith(("[", "{")) else
            f"quote the value: \"{key}='{value}'\" in a shell")
     return f"Override {culprit} holds characters hydra cannot read without quotes; {how}"
+
+
+def composition_record(overrides: list[str] | None = None, config_name: str = "config") -> dict:
+    """What hydra chose while composing: the config folders searched and the preset of every group."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    from modular.data.config import is_domain_override
+
+    overrides = [o for o in overrides or [] if not is_domain_override(o)]
+    register_configs()
+    try:
+        with hydra_with_search_path(CONFIG_DIR):
+            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    except Exception as exc:  # noqa: BLE001  (hydra/omegaconf raise many types; all are user input)
+        raise ConfigError(_one_sentence(exc)) from None
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    return {"searchpath": [str(p) for p in config_search_path(CONFIG_DIR)],
+            "runtime": {"choices": {group: choices[group] for group in GROUP_SCHEMAS if group in choices}}}
 
 
 def _one_sentence(exc: BaseException) -> str:

@@ -14,10 +14,12 @@ import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,8 @@ from tqdm import tqdm
 
 from modular.atomic import fsync_dir, sha256_file
 from modular.data.config import DataConfig, as_data_config, default_cache_dir, resolve_path
-from modular.data.corpus import CHUNK_BYTES, domain_config, jsonl_ranges, list_corpus_files, read_texts
+from modular.data.corpus import CHUNK_BYTES, domain_config, list_corpus_files, piece_texts, text_field_of
+from modular.data.formats import Piece, iter_pieces, source_members, source_size
 from modular.data.split import SplitPlan, plan_split
 from modular.data.tokenizer import Tokenizer, load_tokenizer
 from modular.errors import DataError
@@ -74,7 +77,7 @@ def open_shard(path: Path) -> TokenShard:
         size = (path / "tokens.bin").stat().st_size
         if size != num_tokens * dtype.itemsize:
             raise ValueError(f"tokens.bin has {size} bytes, meta.json promises {num_tokens * dtype.itemsize}")
-        doc_offsets = np.load(path / "doc_offsets.npy")
+        doc_offsets = np.load(path / "doc_offsets.npy", mmap_mode="r")  # one int64 per document: not in RAM
         if len(doc_offsets) != meta["num_docs"] + 1 or doc_offsets[-1] != num_tokens:
             raise ValueError("doc_offsets.npy does not match meta.json")
         tokens = np.memmap(path / "tokens.bin", dtype=dtype, mode="r", shape=(num_tokens,))
@@ -94,10 +97,12 @@ def build_domain_shards(data_cfg: DataConfig, domain: str, split: str, *, tokeni
     plan = plan_split(domain_config(cfg, domain), split, cfg.val_fraction)
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
     files = list_corpus_files(plan.source, f"data.domains.{domain}.{plan.source_field}")
-    identity = [{"path": str(f), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
+    text_field = text_field_of(cfg, domain)
+    identity = [{"path": str(f), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
+                for source in files for f in source_members(source)]
     key_material = {"format": FORMAT_VERSION, "domain": domain, "split": split, "keep": plan.keep,
                     "val_fraction": plan.val_fraction if plan.keep else None, "sources": identity,
-                    "text_field": cfg.text_field, "on_bad_bytes": cfg.on_bad_bytes,
+                    "text_field": text_field, "on_bad_bytes": cfg.on_bad_bytes,
                     "tokenizer": tokenizer.fingerprint()}
     key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()
     root = resolve_path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
@@ -115,14 +120,15 @@ def build_domain_shards(data_cfg: DataConfig, domain: str, split: str, *, tokeni
 
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+        _remove_abandoned_builds(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix()}{final.name}-", dir=root))
         tmp.chmod(0o755)  # mkdtemp makes 0700; a cache folder is meant to be readable like any other
     except OSError as e:
         raise DataError(f"cannot write the shard cache in {root} ({e.strerror}); set data.cache_dir to a "
                         "writable folder.") from None
     try:
         started = time.perf_counter()
-        meta = _write_shard(tmp, files, plan, cfg.text_field, cfg.on_bad_bytes, cfg.num_workers, tokenizer,
+        meta = _write_shard(tmp, files, plan, text_field, cfg.on_bad_bytes, cfg.num_workers, tokenizer,
                             domain, split, progress, chunk_bytes)
         meta["key"] = key
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -166,8 +172,8 @@ class _Job:
 
 @dataclass
 class _Chunk:
-    file_index: int
-    file_bytes: int  # bytes of the file this chunk covered (for the progress bar)
+    source: int
+    size: int  # source bytes this chunk covered (for the progress bar)
     tokens: np.ndarray
     doc_lengths: np.ndarray
     num_bytes: int  # UTF-8 bytes of the kept documents
@@ -180,69 +186,88 @@ def _write_shard(tmp: Path, files: list[Path], plan: SplitPlan, text_field: str,
                  chunk_bytes: int) -> dict:
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     job = _Job(tokenizer, plan, text_field, on_bad_bytes, dtype.name)
-    tasks = [(i, f, start, end) for i, f in enumerate(files) for start, end in jsonl_ranges(f, chunk_bytes)]
     sources = [{"path": str(f), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns,
-                "sha256": sha256_file(f)} for f in files]
+                "sha256": sha256_file(f)} for source in files for f in source_members(source)]
     docs_read = [0] * len(files)
-    lengths: list[np.ndarray] = []
-    num_bytes = docs_replaced = 0
-    total = sum(s["size"] for s in sources)
-    with open(tmp / "tokens.bin", "wb") as out, \
+    num_docs = num_tokens = num_bytes = docs_replaced = 0
+    total = sum(source_size(f) for f in files)
+    workers = num_workers if total > chunk_bytes else 1  # one piece of work needs no second process
+    # Document lengths go to disk as they come (one int64 each), so no list grows with the corpus.
+    with open(tmp / "tokens.bin", "wb") as out, open(tmp / "doc_lengths.bin", "wb") as lengths_out, \
             tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenising {domain}/{split}",
                  disable=None if progress is None else not progress) as bar:
-        for chunk in _run_tasks(job, tasks, num_workers):
+        for chunk in _run_tasks(job, iter_pieces(files, text_field, chunk_bytes), workers):
             out.write(chunk.tokens.tobytes())
-            lengths.append(chunk.doc_lengths)
-            docs_read[chunk.file_index] += chunk.docs_read
+            lengths_out.write(chunk.doc_lengths.astype(np.int64).tobytes())
+            docs_read[chunk.source] += chunk.docs_read
+            num_docs += len(chunk.doc_lengths)
+            num_tokens += int(chunk.doc_lengths.sum())
             num_bytes += chunk.num_bytes
             docs_replaced += chunk.docs_replaced
-            bar.update(chunk.file_bytes)
+            bar.update(chunk.size)
         out.flush()
         os.fsync(out.fileno())
 
     for f, n in zip(files, docs_read):
         if n == 0:
             raise DataError(f"{f} contains no documents; remove it from domain {domain!r} or add text to it.")
-    doc_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-    if len(doc_lengths) == 0:
+    if num_docs == 0:
         if plan.keep is None:
             raise DataError(f"domain {domain!r} has no {split} documents in data.domains.{domain}.{split}.")
         advice = f"give data.domains.{domain}.val a path" if split == "val" else "lower data.val_fraction"
         raise DataError(f"domain {domain!r} has no {split} documents: the val_fraction={plan.val_fraction} "
                         f"hash split puts none of its {sum(docs_read)} documents there; {advice} "
                         "or add documents.")
-    doc_offsets = np.zeros(len(doc_lengths) + 1, dtype=np.int64)
-    np.cumsum(doc_lengths, out=doc_offsets[1:])
-    with open(tmp / "doc_offsets.npy", "wb") as f:
-        np.save(f, doc_offsets)
-        f.flush()
-        os.fsync(f.fileno())
+    _write_doc_offsets(tmp / "doc_lengths.bin", tmp / "doc_offsets.npy", num_docs)
     if docs_replaced:
         log.warning("domain %s/%s: invalid UTF-8 replaced by U+FFFD in %d documents",
                     domain, split, docs_replaced)
     return {"format": FORMAT_VERSION, "domain": domain, "split": split, "dtype": dtype.name,
-            "num_docs": len(doc_lengths), "num_tokens": int(doc_offsets[-1]), "num_bytes": int(num_bytes),
+            "num_docs": num_docs, "num_tokens": num_tokens, "num_bytes": int(num_bytes),
             "docs_with_replaced_bytes": int(docs_replaced), "packing": "[bos] ids [eos] per document",
             "tokenizer": tokenizer.describe(), "split_rule": plan.describe(), "text_field": text_field,
             "on_bad_bytes": on_bad_bytes, "sources": sources,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _run_tasks(job: _Job, tasks: list, num_workers: int) -> Iterator[_Chunk]:
-    """Chunks in task order (so the shard is the same whatever the worker count)."""
-    workers = min(num_workers, len(tasks))
+def _write_doc_offsets(lengths_path: Path, offsets_path: Path, num_docs: int, block: int = 1 << 20) -> None:
+    """doc_offsets.npy = [0, cumsum(lengths)], computed a block at a time through memory maps."""
+    lengths = np.memmap(lengths_path, dtype=np.int64, mode="r", shape=(num_docs,))
+    offsets = np.lib.format.open_memmap(offsets_path, mode="w+", dtype=np.int64, shape=(num_docs + 1,))
+    offsets[0] = 0
+    for first in range(0, num_docs, block):
+        part = np.cumsum(lengths[first:first + block])
+        offsets[first + 1:first + 1 + len(part)] = part + offsets[first]
+    offsets.flush()
+    del offsets, lengths
+    _fsync_file(offsets_path)
+    os.unlink(lengths_path)
+
+
+def _run_tasks(job: _Job, pieces: Iterable[Piece], num_workers: int) -> Iterator[_Chunk]:
+    """Chunks in piece order (so the shard is the same whatever the worker count).
+
+    Pieces are handed out a few at a time: those read in this process carry their text, so only a
+    bounded number may wait in the pool's queue.
+    """
     pool = None
-    if workers > 1:
+    if num_workers > 1:
         try:
-            pool = _mp_context().Pool(workers, initializer=_init_worker, initargs=(job,))
+            pool = _mp_context().Pool(num_workers, initializer=_init_worker, initargs=(job,))
         except (OSError, ValueError, ImportError) as e:  # e.g. no /dev/shm or semaphores in a sandbox
-            log.warning("cannot start %d tokenisation processes (%s); tokenising in this process", workers, e)
+            log.warning("cannot start %d tokenisation processes (%s); tokenising in this process", num_workers, e)
     if pool is None:
-        for task in tasks:
-            yield _tokenize_range(job, task)
+        for piece in pieces:
+            yield _tokenize_piece(job, piece)
         return
     with pool:
-        yield from pool.imap(_worker_task, tasks)
+        in_flight: deque = deque()
+        for piece in pieces:
+            in_flight.append(pool.apply_async(_worker_task, (piece,)))
+            if len(in_flight) >= 2 * num_workers:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
 
 
 def _mp_context():
@@ -260,22 +285,20 @@ def _init_worker(job: _Job) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def _worker_task(task) -> _Chunk:
-    return _tokenize_range(_worker_job, task)
+def _worker_task(piece: Piece) -> _Chunk:
+    return _tokenize_piece(_worker_job, piece)
 
 
-def _tokenize_range(job: _Job, task) -> _Chunk:
-    file_index, path, start, end = task
+def _tokenize_piece(job: _Job, piece: Piece) -> _Chunk:
     texts, docs_read, docs_replaced = [], 0, 0
-    for _, text, bad in read_texts(path, text_field=job.text_field, on_bad_bytes=job.on_bad_bytes,
-                                   start=start, end=end):
+    for _, text, bad in piece_texts(piece, text_field=job.text_field, on_bad_bytes=job.on_bad_bytes):
         docs_read += 1
         if job.plan.keeps(text):
             texts.append(text)
             docs_replaced += bad
     tokens, doc_lengths = _pack(job.tokenizer.encode_batch(texts) if texts else [], job.tokenizer, job.dtype)
     num_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return _Chunk(file_index, end - start, tokens, doc_lengths, num_bytes, docs_read, docs_replaced)
+    return _Chunk(piece.source, piece.size, tokens, doc_lengths, num_bytes, docs_read, docs_replaced)
 
 
 def _pack(ids: list[np.ndarray], tokenizer: Tokenizer, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -307,3 +330,27 @@ def _remove_dir(path: Path) -> None:
     except FileNotFoundError:
         return  # another process removed it first
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def _tmp_prefix(pid: int | None = None) -> str:
+    """A build folder's name starts with its host and process, so a later build can tell an abandoned one."""
+    return f".tmp-{socket.gethostname()}-{os.getpid() if pid is None else pid}-"
+
+
+def _remove_abandoned_builds(root: Path) -> None:
+    """Remove build folders left by killed processes of this host (a failure inside a build removes its own)."""
+    host_prefix = f".tmp-{socket.gethostname()}-"
+    for entry in root.glob(f"{host_prefix}*"):
+        pid = entry.name[len(host_prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -17,6 +17,12 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    enabled: bool = False  # needs the tensorboard package: pip install "modular-moe[tensorboard]"
+    dir: Optional[str] = None  # event files go here; None: <run.dir>/tensorboard
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 300
     batch_size: int = 16
@@ -46,6 +52,7 @@ class TrainConfig:
     check_memory: bool = True  # refuse, before allocating, a run whose estimated memory exceeds what is available
     progress: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
     init_from: Optional[str] = None  # a checkpoint folder (model.safetensors) to start from when run.dir has none
     # one of run.dir's own checkpoints to go back to instead of the latest (e.g. when the latest is damaged);
     # used once: it is not saved with the run, and newer checkpoints move to checkpoints/superseded/
@@ -77,3 +84,7 @@ def validate_train(cfg) -> None:
     require(t.device in ("auto", "cpu", "cuda"), f"train.device='{t.device}' is unknown; allowed: auto, cpu, cuda.")
     require(isinstance(t.threads, int) and t.threads >= 0,
             f"train.threads={t.threads} is not allowed; it must be an integer >= 0 (0 = torch's default).")
+    if t.tensorboard.enabled:
+        from modular.train.loggers import require_tensorboard
+
+        require_tensorboard()

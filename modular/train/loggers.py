@@ -1,6 +1,6 @@
-"""Where training metrics go: `metrics.jsonl` in the run folder always, wandb when enabled.
+"""Where training metrics go: `metrics.jsonl` in the run folder always, wandb and TensorBoard when enabled.
 
-Both sit behind one `log(record)` interface. wandb runs offline unless the user names a project
+All sit behind one `log(record)` interface. wandb runs offline unless the user names a project
 (and WANDB_MODE does not say offline), so no network call happens by default.
 """
 
@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from modular.atomic import atomic_write_text, read_jsonl
+from modular.errors import ConfigError
 
 
 class JsonlLogger:
@@ -43,20 +44,55 @@ class WandbLogger:
                               resume="allow", id=run_name)
 
     def log(self, record: dict) -> None:
-        flat = {}
-
-        def walk(prefix: str, value) -> None:
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    walk(f"{prefix}/{k}" if prefix else str(k), v)
-            elif isinstance(value, (int, float)):
-                flat[prefix] = value
-
-        walk("", record)
-        self.run.log(flat, step=int(record.get("step", 0)))
+        self.run.log(flatten(record), step=int(record.get("step", 0)))
 
     def close(self) -> None:
         self.run.finish()
+
+
+def flatten(record: dict) -> dict[str, float]:
+    """Numbers of a nested record under slash-joined names: {"eval": {"en": {"loss": x}}} -> {"eval/en/loss": x}."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}" if prefix else str(k), v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[prefix] = value
+
+    walk("", record)
+    return flat
+
+
+def require_tensorboard() -> None:
+    """One sentence when train.tensorboard.enabled=true but the package is missing (checked before a run starts)."""
+    try:
+        import tensorboard  # noqa: F401  (only whether it imports matters here)
+    except ImportError:
+        raise ConfigError("train.tensorboard.enabled=true needs the tensorboard package, which is not installed; "
+                          "install it with pip install \"modular-moe[tensorboard]\".") from None
+
+
+class TensorBoardLogger:
+    """Scalars of every record as TensorBoard event files (`tensorboard --logdir <run.dir>/tensorboard`)."""
+
+    def __init__(self, log_dir: Path, resume_step: int | None = None):
+        require_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter
+
+        # On resume, events past the checkpoint are replayed by the resumed run: TensorBoard drops the old ones.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, record: dict) -> None:
+        step = int(record.get("step", 0))
+        for name, value in flatten(record).items():
+            if name != "step":
+                self.writer.add_scalar(name, value, global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class Loggers:

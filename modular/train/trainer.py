@@ -26,7 +26,7 @@ from modular.run.checkpointer import checkpointer_for
 from modular.run.setup import autocast_for, resolve_device
 from modular.train import checkpoint as ckpt
 from modular.train.evaluate import evaluate
-from modular.train.loggers import JsonlLogger, Loggers, WandbLogger
+from modular.train.loggers import JsonlLogger, Loggers, TensorBoardLogger, WandbLogger
 from modular.train.optimizer import build_optimizer
 from modular.train.schedule import schedule_from_config
 
@@ -213,6 +213,9 @@ class Trainer:
         loggers = [JsonlLogger(self.run_dir / "metrics.jsonl", resume_step=self.step)] if main else []
         if main and self.tcfg.wandb.enabled:
             loggers.append(WandbLogger(self.tcfg.wandb, self.run_dir, self.run_dir.name, self.config_record))
+        if main and self.tcfg.tensorboard.enabled:
+            tb = self.tcfg.tensorboard
+            loggers.append(TensorBoardLogger(Path(tb.dir) if tb.dir else self.run_dir / "tensorboard", self.step))
         logger = Loggers(loggers)
         self.model.train()
         consecutive_nonfinite = 0
