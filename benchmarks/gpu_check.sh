@@ -6,7 +6,7 @@
 #   OUTDIR gets summary.md (printed last), results.tar.gz (every log, JSON and table) and steps.tsv;
 #   both are rewritten after every step, so a run cut short still leaves what it measured.
 #   --dry-run: the same steps on this CPU with Triton's interpreter and tiny shapes (checks the script).
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (seconds for all steps; default 420 on a
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (seconds for all steps; default 400 on a
 # GPU, 2400 in a dry run), GPU_CHECK_STEPS (comma-separated step names to run; default all).
 # Every step has its own timeout, capped by what is left of the budget; a failed or timed-out step is
 # recorded with its log, and the next one runs. Missing pure-Python deps come from .gpu_deps/
@@ -45,7 +45,7 @@ if [ "$dry" = 1 ]; then
     dry_flag="--dry-run"
 else
     unset TRITON_INTERPRET
-    budget="${GPU_CHECK_BUDGET_S:-420}"
+    budget="${GPU_CHECK_BUDGET_S:-400}"
     dry_flag=""
 fi
 deadline=$((SECONDS + budget))
@@ -59,32 +59,70 @@ finish() {
     tar -czf "$out/results.tar.gz.tmp" -C "$work" --exclude=cache . && mv "$out/results.tar.gz.tmp" "$out/results.tar.gz"
 }
 
+wanted() {  # GPU_CHECK_STEPS selects steps by name
+    [ "$selected" = ",all," ] || [[ "$selected" == *",$1,"* ]]
+}
+
+# The time a step may take: its own limit, capped by what is left of the budget (0: none left).
+limit_for() {
+    local left=$((deadline - SECONDS))
+    if [ "$left" -lt 20 ]; then echo 0; elif [ "$1" -gt "$left" ]; then echo "$left"; else echo "$1"; fi
+}
+
+record() {  # record NAME RC LIMIT START
+    local status
+    case "$2" in
+        0) status="ok" ;;
+        124|137) status="TIMEOUT after ${3}s" ;;
+        *) status="FAILED (exit $2)" ;;
+    esac
+    printf '%s\t%s\t%s\n' "$1" "$status" "$((SECONDS - $4))" >> "$work/steps.tsv"
+    echo "[gpu_check] $1: $status in $((SECONDS - $4))s"
+    finish
+}
+
+skip() {
+    printf '%s\tskipped (budget spent)\t0\n' "$1" >> "$work/steps.tsv"
+    echo "[gpu_check] $1: skipped, the budget is spent"
+}
+
 # step NAME TIMEOUT_S COMMAND...: runs COMMAND with its output in logs/NAME.log, records the outcome.
 step() {
-    local name="$1" limit="$2"
+    local name="$1" limit
+    wanted "$name" || return 0
+    limit="$(limit_for "$2")"
     shift 2
-    if [ "$selected" != ",all," ] && [[ "$selected" != *",$name,"* ]]; then
-        return 0
-    fi
-    local left=$((deadline - SECONDS))
-    if [ "$left" -lt 20 ]; then
-        printf '%s\tskipped (budget spent)\t0\n' "$name" >> "$work/steps.tsv"
-        echo "[gpu_check] $name: skipped, the budget is spent"
-        return 0
-    fi
-    [ "$limit" -gt "$left" ] && limit="$left"
+    [ "$limit" = 0 ] && { skip "$name"; return 0; }
     local start=$SECONDS
     echo "[gpu_check] $name (timeout ${limit}s) ..."
     timeout --kill-after=10 "$limit" "$@" > "$work/logs/$name.log" 2>&1
-    local rc=$? status
-    case "$rc" in
-        0) status="ok" ;;
-        124|137) status="TIMEOUT after ${limit}s" ;;
-        *) status="FAILED (exit $rc)" ;;
-    esac
-    printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - start))" >> "$work/steps.tsv"
-    echo "[gpu_check] $name: $status in $((SECONDS - start))s"
-    finish
+    record "$name" $? "$limit" "$start"
+}
+
+# background_step NAME TIMEOUT_S COMMAND...: the same, started in the background; background_wait records it.
+bg_name=""
+background_step() {
+    bg_name="$1"
+    wanted "$bg_name" || { bg_name=""; return 0; }
+    bg_limit="$(limit_for "$2")"
+    shift 2
+    [ "$bg_limit" = 0 ] && { skip "$bg_name"; bg_name=""; return 0; }
+    bg_start=$SECONDS
+    echo "[gpu_check] $bg_name (background, timeout ${bg_limit}s) ..."
+    {
+        timeout --kill-after=10 "$bg_limit" "$@" > "$work/logs/$bg_name.log" 2>&1
+        echo "$? $SECONDS" > "$work/$bg_name.done"  # its exit code and when it ended
+    } &
+    bg_pid=$!
+}
+background_wait() {
+    [ -n "$bg_name" ] || return 0
+    wait "$bg_pid"
+    local rc end
+    read -r rc end < "$work/$bg_name.done" || { rc=1; end=$SECONDS; }
+    local now=$SECONDS
+    record "$bg_name" "$rc" "$bg_limit" "$((bg_start + now - end))"
+    bg_name=""
 }
 
 # --- the steps, most important first -------------------------------------------------------------
@@ -119,11 +157,21 @@ print(json.dumps(env, indent=1))
 open(sys.argv[1], "w").write(json.dumps(env) + "\n")
 EOF
 
+# Compiling the kernels of the timed steps (every autotune config, at their shapes) in parallel processes
+# fills Triton's cache while the tests run; the autotuner would otherwise compile config after config.
+if [ "$dry" = 1 ]; then
+    warm_args=(--warm train --first-config-only --jobs 2)
+else
+    warm_args=(--warm gmm,layer,train --jobs "$(( $(nproc) > 2 ? $(nproc) - 1 : 1 ))")
+fi
+background_step warm_cache 200 "$PY" benchmarks/sm90_compile.py "${warm_args[@]}"
+
 kernel_tests=(tests/kernels/test_triton_gmm.py tests/kernels/test_triton_swiglu.py
               tests/kernels/test_moe_triton_backend.py tests/kernels/test_torch_gmm.py)
 MODULAR_GMM_AUTOTUNE=0 step kernel_tests 150 "$PY" -m pytest -q -p no:cacheprovider -rfE \
     --junitxml="$work/kernel_tests.xml" "${kernel_tests[@]}" \
     --deselect tests/kernels/test_triton_gmm.py::test_autotuned_kernels_on_gpu
+background_wait  # the timed steps start on a quiet machine
 
 step gmm_bf16 120 "$PY" benchmarks/gmm_gpu.py --dtype bf16 $dry_flag
 step gmm_layer 120 "$PY" benchmarks/gmm_gpu.py --dtype bf16 --layer $dry_flag
@@ -135,7 +183,7 @@ else
 fi
 step train_eager 150 "$PY" benchmarks/train_throughput.py --gpu $dry_flag --rows matmul,triton,dense,torch \
     "${train_args[@]}" --out "$work/train_eager.jsonl"
-step sync_check 90 "$PY" benchmarks/sync_check.py --backends triton,torch --json "$work/sync.json" $dry_flag
+MODULAR_GMM_AUTOTUNE=0 step sync_check 90 "$PY" benchmarks/sync_check.py --backends triton,torch --json "$work/sync.json" $dry_flag
 step train_compile 200 "$PY" benchmarks/train_throughput.py --gpu $dry_flag --rows triton+compile,dense+compile \
     "${train_args[@]}" --out "$work/train_compile.jsonl"
 if [ "$dry" = 0 ]; then  # the interpreter runs one config: nothing to sweep on a CPU
@@ -145,10 +193,11 @@ fi
 
 finish
 echo
-echo "[gpu_check] work folder: $work (packed into $out/results.tar.gz)"
-echo
 cat "$out/summary.md"
-if grep -qv $'\tok\t' "$work/steps.tsv"; then
-    exit 1
-fi
-exit 0
+echo
+echo "[gpu_check] steps (name, status, seconds), also in $out/summary.md and results.tar.gz:"
+tr '\t' ' ' < "$work/steps.tsv" | sed 's/^/[gpu_check]   /'
+failed=0
+grep -qv $'\tok\t' "$work/steps.tsv" && failed=1
+[ "${GPU_CHECK_KEEP_WORK:-0}" = 1 ] || rm -rf "$work"
+exit "$failed"

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # (step name, section title): the order of the sections, most important first.
 SECTIONS = [
+    ("warm_cache", "Triton cache warm-up (benchmarks/sm90_compile.py --warm), beside the kernel tests"),
     ("kernel_tests", "Kernel tests, native (fp32/fp16/bf16, MODULAR_GMM_AUTOTUNE=0)"),
     ("gmm_bf16", "Grouped GEMM, bf16 (benchmarks/gmm_gpu.py)"),
     ("gmm_layer", "MoE expert step, bf16 (benchmarks/gmm_gpu.py --layer)"),
@@ -23,6 +24,7 @@ SECTIONS = [
     ("train_compile", "Training under train.compile=true"),
     ("autotuned_tests", "Kernel tests with the autotune sweep on"),
 ]
+MAX_SYNC_SITES = 25  # per backend; sync.json in results.tar.gz has them all, with their call chains
 MAX_LOG_TAIL = 1200  # characters of a failed step's log shown in the summary
 
 
@@ -72,9 +74,11 @@ def _sync_tables(path: Path) -> list[str]:
         lines.append(f"\nkernels.backend={r['backend']}: {verdict}; error mode: {r['error_mode']}; peak {peak}")
         if r["sites"]:
             lines += ["| site | code | calls/step | via |", "|---|---|---:|---|"]
-            for s in r["sites"]:
-                code = s["code"].replace("|", "\\|")[:90]
+            for s in r["sites"][:MAX_SYNC_SITES]:
+                code = s["code"].replace("|", "\\|")[:70]
                 lines.append(f"| {s['site']} | `{code}` | {s['count']} | {s['via']} |")
+            if len(r["sites"]) > MAX_SYNC_SITES:
+                lines.append(f"| … {len(r['sites']) - MAX_SYNC_SITES} more in sync.json | | | |")
     return lines
 
 
@@ -106,6 +110,8 @@ def summarize_run(work: Path) -> str:
                 records = [r for r in (json.loads(line) for line in (work / "train_eager.jsonl").read_text().splitlines()
                                        if line.strip()) if r["row"] == "matmul"] + records
             body = gpu_table(records) if records else []
+        elif name == "warm_cache":
+            body = [line for line in text.splitlines() if line.startswith(("warmed", "- "))]
         elif name == "sync_check":
             body = _sync_tables(work / "sync.json")
         else:

@@ -4,6 +4,7 @@ fast ones working): the training table, the sync-site finder, the summary, and t
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -72,7 +73,9 @@ def test_gpu_check_script_runs_its_env_step_and_packs_the_results(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.tar.gz", "steps.tsv", "summary.md"]
     summary = (tmp_path / "summary.md").read_text()
     assert "| env | ok |" in summary and "no wandb/avalanche/gguf" in summary
-    assert proc.stdout.rstrip().endswith(summary.rstrip())  # the summary is printed last
+    # The summary, then the step statuses are printed last (a lent machine shows only the output's tail).
+    assert summary.rstrip() in proc.stdout
+    assert re.fullmatch(r"\[gpu_check\] +env ok \d+", proc.stdout.rstrip().splitlines()[-1])
     with tarfile.open(tmp_path / "results.tar.gz") as tar:
         assert {"./env.json", "./logs/env.log", "./summary.md"} <= set(tar.getnames())
     bad = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path), "--fast"],
@@ -92,3 +95,58 @@ def test_summary_shows_failed_steps_with_their_log_tail(tmp_path):
     assert "FAILED tests/kernels/test_triton_gmm.py::test_x - AssertionError" in text
     assert "## Grouped GEMM, bf16 (benchmarks/gmm_gpu.py): TIMEOUT after 120s" in text
     assert "compiling..." in text  # no table came out: the log's tail is shown instead
+
+
+WARM_CHECK = r"""
+import sys, torch
+sys.path[:0] = [{repo!r}, {repo!r} + "/benchmarks", {repo!r} + "/tests"]
+import sm90_compile as sc  # compile-only launches for sm_90, no GPU needed
+import gmm_gpu
+from helpers import tiny_cfg
+from modular.kernels import triton_gmm as g, triton_swiglu as s
+from modular.models.moe import MoELayer
+
+g._num_programs = lambda device: 132
+for tuner in (g._gmm_kernel, g._gmm_dw_kernel):  # one config: enough to compare argument patterns
+    tuner.configs = tuner.configs[:1]
+g._check_inputs = s._check_inputs = s._check_swiglu_inputs = lambda *a, **k: None  # CPU tensors, JIT kernels
+
+def compiled(fn):
+    with sc.CompileRecorder() as recorder:
+        try:
+            fn()
+        except AssertionError:  # nothing is computed: a benchmark's correctness check fails after its launches
+            pass
+    assert not recorder.errors, recorder.errors
+    return recorder.hashes
+
+T, D, F, k, bf16 = 16, 32, 48, 2, torch.bfloat16
+for E in (8, 16):  # an expert count that is not a multiple of 16 (Mixtral's 8) and one that is
+    real = compiled(lambda: gmm_gpu.measure_layer(T, E, D, F, k, bf16, device="cpu", bench=gmm_gpu._one_call))
+    warm = compiled(lambda: [sc.launch_patterns(p, bf16, E, D, F, T, k) for p in ("fused", "permuted")])
+    assert real == warm, ("layer", E, len(real), len(warm))
+    real = compiled(lambda: gmm_gpu.measure(T, k, E, D, F, bf16, 1.0, 1, device="cpu", bench=gmm_gpu._one_call))
+    assert real == compiled(lambda: sc.launch_patterns("gmm", bf16, E, D, F, T, k)), ("gmm", E)
+    # Training: the MoE layer under bf16 autocast, as Trainer.train_step runs it.
+    cfg = tiny_cfg(f"experts.num_experts={{E}}", f"experts.ffn_dim={{F}}")
+    layer = MoELayer(D, E, cfg.experts, cfg.routing)
+    layer.set_backend("triton")
+    def train_step():
+        with torch.autocast("cpu", dtype=bf16):
+            y = layer(torch.randn(T, D, requires_grad=True))
+        y.float().sum().backward()
+    warm = compiled(lambda: sc.launch_patterns("fused", bf16, E, D, F, T, k, torch.float32))
+    assert compiled(train_step) == warm, ("train", E)
+print("warm patterns match")
+"""
+
+
+def test_cache_warm_up_compiles_what_the_real_code_paths_compile():
+    # benchmarks/gpu_check.sh first compiles the kernels of its steps in parallel (sm90_compile.py --warm),
+    # by replaying the ops' launches on empty tensors. A drift between that replay and the real code
+    # (another argument, stride or dtype) would silently make the warm-up useless: compare the compiled
+    # kernels' cache keys, on the CPU, for the same (small) shapes.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", WARM_CHECK.format(repo=str(REPO))], capture_output=True, text=True,
+                          env=env, timeout=600, check=False)
+    assert proc.returncode == 0 and "warm patterns match" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
