@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from modular.errors import ConfigError
+from modular.kernels.autocast import autocast_inputs
 from modular.kernels.torch_gmm import torch_grouped_mm
 
 BACKENDS = ("auto", "torch", "triton", "megablocks")
@@ -40,7 +41,9 @@ def _triton_available() -> bool:
 
 
 def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, backend: str = "torch") -> Tensor:
-    """x [N, K], w [E, M, K], counts [E] int64 with sum N → [N, M]; differentiable in x and w."""
+    """x [N, K], w [E, M, K], counts [E] int64 with sum N → [N, M]; differentiable in x and w.
+    Under torch.autocast x and w are cast to its dtype first, as an nn.Linear's would be."""
+    x, w = autocast_inputs(x.device.type, x, w)
     if backend == "triton":
         from modular.kernels.triton_gmm import triton_grouped_mm
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from modular.kernels.autocast import autocast_inputs
+
 IMPLS = ("auto", "grouped_mm", "segments", "padded_bmm")
 _GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -230,5 +232,6 @@ def can_fuse_swiglu_moe(x_TD: Tensor, w_gate_EFD: Tensor, w_down_EDF: Tensor) ->
 def torch_swiglu_moe(x_TD: Tensor, w_gate_EFD: Tensor, w_up_EFD: Tensor, w_down_EDF: Tensor, counts_E: Tensor,
                      token_sorted_A: Tensor, weight_sorted_A: Tensor) -> Tensor:
     """y [T, D] = Σ over each token's assignments of weight · SwiGLU_expert(x); rows sorted by expert."""
+    x_TD, w_gate_EFD, w_up_EFD, w_down_EDF = autocast_inputs(x_TD.device.type, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF)
     return SwiGLUMoE.apply(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weight_sorted_A.to(x_TD.dtype), token_sorted_A,
                            counts_E, CHUNK_ROWS)

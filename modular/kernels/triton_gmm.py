@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from modular.kernels.autocast import autocast_inputs
+
 # Legend: N expert-sorted rows (token slots), T tokens (gather source), K input features, M output
 # features, E experts over all banks, E_b experts of one bank. Weights are stored like nn.Linear:
 # w[e] is [M, K] and a segment computes x_seg @ w[e].T.
@@ -752,7 +754,7 @@ def triton_grouped_mm_multi(x: Tensor, ws: list[Tensor], counts: Tensor) -> Tens
     Global expert ids concatenate the banks in order; gradients flow to each bank's own tensor
     (None for banks that do not require grad, whose dW is not computed).
     """
-    ws = _as_banks(ws)
+    x, ws = autocast_inputs(x.device.type, x, _as_banks(ws))
     _check_inputs(x, ws, counts)
     return torch.ops.modular.triton_grouped_mm(x, ws, counts, None, None, None, -1)
 
@@ -765,7 +767,7 @@ def triton_gather_grouped_mm(x: Tensor, w: Tensor | list[Tensor], counts: Tensor
     banks. Returns [N, M] in expert-sorted order. dx sums the rows of each token with index_add_,
     which is not bitwise deterministic on CUDA.
     """
-    ws = _as_banks(w)
+    x, ws = autocast_inputs(x.device.type, x, _as_banks(w))
     _check_inputs(x, ws, counts, row_index=row_index)
     return torch.ops.modular.triton_grouped_mm(x, ws, counts, row_index, None, None, -1)
 
@@ -779,7 +781,7 @@ def triton_scatter_grouped_mm(h: Tensor, w: Tensor | list[Tensor], counts: Tenso
     are zero. With the token-major slot layout (slot = token · top_k + j) the combine is
     ``y.view(T, top_k, M).sum(1)``. Differentiable in h, w and row_weight (the router's gradient).
     """
-    ws = _as_banks(w)
+    h, ws = autocast_inputs(h.device.type, h, _as_banks(w))  # row_weight keeps its precision
     n_out_rows = h.shape[0] if n_out_rows is None else n_out_rows
     _check_inputs(h, ws, counts, out_index=out_index, row_weight=row_weight, n_out_rows=n_out_rows)
     return torch.ops.modular.triton_grouped_mm(h, ws, counts, None, out_index, row_weight, n_out_rows)

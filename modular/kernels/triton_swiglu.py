@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from modular.kernels.autocast import autocast_inputs
 from modular.kernels.triton_gmm import (
     _check_index,
     _check_inputs,
@@ -225,7 +226,9 @@ def triton_swiglu_moe(x_TD: Tensor, w_gate: list[Tensor], w_up: list[Tensor], w_
     of the A slots) with routing weight weight_sorted_A[r]; token_idx_A [A] is the token of each slot.
     The sums and the permutation are not checked, because that would need a host sync.
     """
-    w_gate, w_up, w_down = list(w_gate), list(w_up), list(w_down)
+    # Under autocast the GEMMs run in its dtype like every nn.Linear beside them; the routing weights
+    # keep their precision (the kernels apply them in fp32).
+    x_TD, w_gate, w_up, w_down = autocast_inputs(x_TD.device.type, x_TD, list(w_gate), list(w_up), list(w_down))
     args = (x_TD, w_gate, w_up, w_down, counts_E, token_sorted_A, order_A, weight_sorted_A, token_idx_A)
     _check_swiglu_inputs(*args)
     y, _, _ = torch.ops.modular.triton_swiglu_moe(*args)
