@@ -48,13 +48,18 @@ def test_training_rows_and_table_in_a_dry_run(tmp_path):
 
 def test_sync_sites_are_found_with_their_location():
     sync = _benchmark("sync_check")
-    from modular.routing.stats import routing_stats
+    from modular.routing.stats import RoutingStats, routing_stats_vector
 
     probs = torch.softmax(torch.randn(6, 4), -1)
     expert_idx = probs.topk(2, -1).indices.reshape(-1)
     token_idx = torch.arange(6).repeat_interleave(2)
-    sites = sync.find_sync_sites(lambda: routing_stats(probs, expert_idx, token_idx, 4, 0), dry_run=True)
-    assert sites, "routing_stats reads values back to the host"
+    weight = torch.rand(12)
+
+    def read_stats():  # the statistics are read on the host here (a logging step does this)
+        return RoutingStats(routing_stats_vector(probs, expert_idx, token_idx, weight, 4, 0), 4, [4]).as_dict()
+
+    sites = sync.find_sync_sites(read_stats, dry_run=True)
+    assert sites, "RoutingStats.as_dict reads values back to the host"
     assert all(s["site"].startswith("modular/routing/stats.py:") for s in sites)
     assert all(s["count"] >= 1 and s["code"] for s in sites)
     # Nothing is reported for code that stays on the device, and torch's own internals are not sites.
