@@ -168,7 +168,10 @@ background_step warm_cache 200 "$PY" benchmarks/sm90_compile.py "${warm_args[@]}
 
 kernel_tests=(tests/kernels/test_triton_gmm.py tests/kernels/test_triton_swiglu.py
               tests/kernels/test_moe_triton_backend.py tests/kernels/test_torch_gmm.py)
-MODULAR_GMM_AUTOTUNE=0 step kernel_tests 150 "$PY" -m pytest -q -p no:cacheprovider -rfE \
+# Spread over the cores where pytest-xdist is installed: the tests' time is mostly Triton compiling kernels.
+xdist=()
+if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n 8); fi
+MODULAR_GMM_AUTOTUNE=0 step kernel_tests 150 "$PY" -m pytest -q -p no:cacheprovider -rfE "${xdist[@]}" \
     --junitxml="$work/kernel_tests.xml" "${kernel_tests[@]}" \
     --deselect tests/kernels/test_triton_gmm.py::test_autotuned_kernels_on_gpu
 background_wait  # the timed steps start on a quiet machine

@@ -34,8 +34,13 @@ class Batch:
         return self.tokens[:, 1:]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(self.tokens.to(device, non_blocking=non_blocking),
-                     self.domain_ids.to(device, non_blocking=non_blocking), self.domain_names)
+        """On `device`; with non_blocking to a GPU the rows go through pinned memory, so the copy does not
+        make the host wait."""
+        tokens, domain_ids = self.tokens, self.domain_ids
+        if non_blocking and torch.device(device).type == "cuda" and not tokens.is_cuda:
+            tokens, domain_ids = tokens.pin_memory(), domain_ids.pin_memory()
+        return Batch(tokens.to(device, non_blocking=non_blocking), domain_ids.to(device, non_blocking=non_blocking),
+                     self.domain_names)
 
 
 class MixtureLoader:

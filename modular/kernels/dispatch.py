@@ -13,8 +13,10 @@ from torch import Tensor
 
 def sort_by_expert(token_idx_A: Tensor, expert_idx_A: Tensor, num_experts: int):
     """Returns (sorted token ids [A], order [A], counts [E])."""
+    from modular.routing.losses import assignment_counts  # not torch.bincount: no host sync on a GPU
+
     order = torch.argsort(expert_idx_A, stable=True)  # stable: tokens keep their order inside an expert
-    counts = torch.bincount(expert_idx_A, minlength=num_experts)
+    counts = assignment_counts(expert_idx_A, num_experts)
     return token_idx_A[order], order, counts
 
 

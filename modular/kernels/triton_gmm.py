@@ -90,7 +90,9 @@ else:
 
 @triton.autotune(
     configs=_GMM_CONFIGS,
-    key=["n_cols", "n_inner", "rows_hint"],
+    # The fused variants (gathered loads, scattered or scaled stores, the row-dot epilogue) have other best
+    # tiles than the plain GEMM at the same shape: each variant is tuned on its own.
+    key=["n_cols", "n_inner", "rows_hint", "MULTI_BANK", "GATHER_A", "SCATTER_C", "SCALE", "ROW_DOT", "GATHER_H"],
     # Each config writes the row-dot partial sums of its own column blocks only; stale ones from a
     # config benchmarked before must not survive into the sum.
     reset_to_zero=["row_dot"],
@@ -217,7 +219,7 @@ def _gmm_kernel(
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_DW_CONFIGS, key=["n_out", "n_in", "rows_hint"])
+@triton.autotune(configs=_DW_CONFIGS, key=["n_out", "n_in", "rows_hint", "SUBSET", "GATHER_DY", "GATHER_X", "SCALE"])
 @triton.jit(do_not_specialize=["rows_hint"])
 def _gmm_dw_kernel(
     DY, X, DW,  # DY [n_rows or more, n_out], X [n_rows or T, n_in], DW [n_active, n_out, n_in]

@@ -37,13 +37,17 @@ class LocalDispatcher(Dispatcher):
 
 
 class FusedTorchSwiGLU(Dispatcher):
-    """SwiGLU banks on the torch backend: gather, experts and combine as one autograd Function that streams
-    expert by expert (kernels/torch_gmm.py); other dtypes than the weights' fall back to the generic path."""
+    """SwiGLU banks on the torch backend on the CPU: gather, experts and combine as one autograd Function
+    that streams expert by expert (kernels/torch_gmm.py). On a GPU (where that stream's per-expert
+    launches and host reads of the counts cost more than they save) and for dtypes other than the
+    weights' it falls back to the generic path, whose grouped matmuls are torch._grouped_mm there."""
 
     def __init__(self):
         self.fallback = LocalDispatcher()
 
     def __call__(self, layer, x_TD: Tensor, routed: RouterOutput) -> Tensor:
+        if x_TD.is_cuda:
+            return self.fallback(layer, x_TD, routed)
         w_gate, w_up, w_down = layer.stacked_swiglu_weights()
         if not can_fuse_swiglu_moe(x_TD, w_gate, w_down):
             return self.fallback(layer, x_TD, routed)

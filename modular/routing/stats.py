@@ -22,11 +22,13 @@ def routing_stats_vector(probs_TE: Tensor, expert_idx_A: Tensor, token_idx_A: Te
     p = probs_TE.float().clamp_min(1e-12)
     p = p / p.sum(dim=-1, keepdim=True)  # sigmoid scores need normalising to be a distribution
     entropy_sum = -(p * p.log()).sum().to(torch.float64)
-    routed = torch.zeros(T, dtype=torch.bool, device=probs_TE.device)
-    routed[token_idx_A] = True
-    scalars = torch.stack([entropy_sum.new_tensor(float(T)), entropy_sum.new_tensor(float(dropped_assignments)),
-                           entropy_sum, routed.sum().to(torch.float64),
-                           weight_A.detach().to(torch.float64).sum()])
+    # scatter, not routed[idx] = True, and constants by fill, not from host tensors: no host sync on a GPU
+    routed = torch.zeros(T, dtype=torch.float64, device=probs_TE.device).scatter_(
+        0, token_idx_A, torch.ones_like(token_idx_A, dtype=torch.float64))
+    constants = torch.full((2,), float(T), dtype=torch.float64, device=probs_TE.device)
+    constants[1:] = float(dropped_assignments)
+    scalars = torch.cat([constants, torch.stack([entropy_sum, routed.sum(),
+                                                 weight_A.detach().to(torch.float64).sum()])])
     return torch.cat([assignment_counts(expert_idx_A, num_experts, torch.float64), scalars])
 
 

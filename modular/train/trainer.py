@@ -139,7 +139,7 @@ class Trainer:
         lm_total, aux_total = 0.0, 0.0
         finite = True
         for micro in range(accum):
-            batch = next(self.loader).to(self.device)
+            batch = next(self.loader).to(self.device, non_blocking=True)
             if self.parallel is not None:  # DDP reduces once per optimizer step, after the last micro-batch
                 data_parallel.set_grad_sync(self.forward_model, micro == accum - 1)
             with self.autocast():
