@@ -28,6 +28,9 @@ from pathlib import Path
 TRUNK_FROZEN = "continual.freeze=[old_experts,old_router,attention,embeddings,norms]"
 
 STRATEGIES = {
+    # domain-owned experts and trunk deltas, routed per sequence (one run gives the inferred and the
+    # oracle-routed matrix); configs/continual/isolate.yaml
+    "isolate": ["continual=isolate"],
     "naive": ["continual=naive"],
     "replay 5%": ["continual=replay", "continual.replay=0.05"],
     "replay 25%": ["continual=replay", "continual.replay=0.25"],
