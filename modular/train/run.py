@@ -84,7 +84,25 @@ def eval_command(overrides: list[str]) -> int:
                                progress=cfg.train.progress)
     device = resolve_device(cfg.train.device)
     model.to(device)
-    results = evaluate(model, val_sets, device, autocast_for(cfg.train.dtype, device))
+    autocast = autocast_for(cfg.train.dtype, device)
     print(f"{checkpoint} (step {ckpt.read_trainer_state(checkpoint)['step']})")
-    print(format_eval_table(results))
+    if not model.domains:
+        print(format_eval_table(evaluate(model, val_sets, device, autocast)))
+        return 0
+    # A domain-routed run: each sequence takes the route its prefix's domain posterior picks (no labels),
+    # and beside it the route of its true domain (the anchor's for a domain the run never saw).
+    from modular.continual.domain_inference import DomainRouter
+
+    router = DomainRouter(model, cfg.continual.inference, autocast)
+
+    def oracle(domain, inputs):
+        d = model.domains.index(domain) if domain in model.domains else 0
+        return torch.full((inputs.shape[0],), d, dtype=torch.int64, device=inputs.device)
+
+    inferred = evaluate(model, val_sets, device, autocast, route=lambda domain, inputs: router.route(inputs))
+    inf = cfg.continual.inference
+    print(f"routed by the inferred domain ({inf.method}, {inf.prefix}-token prefix, {inf.mode}):")
+    print(format_eval_table(inferred))
+    print("routed by each sequence's true domain (oracle):")
+    print(format_eval_table(evaluate(model, val_sets, device, autocast, route=oracle)))
     return 0

@@ -147,7 +147,7 @@ def test_bad_isolate_input_is_one_sentence(overrides, fragment, tmp_path, capsys
     assert not (run / "checkpoints").exists()
 
 
-def test_isolate_end_to_end_keeps_earlier_domains_and_resumes_exactly(tmp_path, monkeypatch):
+def test_isolate_end_to_end_keeps_earlier_domains_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     reference = tmp_path / "reference"
     assert main(["continual", *SMALL, f"run.dir={reference}"]) == 0
     report = json.loads((reference / "report.json").read_text())
@@ -158,6 +158,10 @@ def test_isolate_end_to_end_keeps_earlier_domains_and_resumes_exactly(tmp_path, 
     assert set(report["domain_accuracy"][-1]) == {"en", "de", "code_py"}
     assert report["active_params_ratio"] <= 1.1  # a token uses one domain's deltas and top-k experts
     assert matrix  # the inferred matrix is the report's matrix
+    capsys.readouterr()
+    assert main(["eval", f"run.dir={reference}"]) == 0  # modular eval shows both routings of a domain-routed run
+    out = capsys.readouterr().out
+    assert "routed by the inferred domain (classifier, 64-token prefix, hard)" in out and "(oracle)" in out
 
     # stop in stage 1 after its first step, then resume: the same report
     stopped = tmp_path / "stopped"
