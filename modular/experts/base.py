@@ -11,21 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from modular.errors import ConfigError
+from modular.registry import registrar
 
 EXPERT_REGISTRY: dict[str, type[ExpertBank]] = {}
 
 
-def register_expert(name: str):
-    """Class decorator: make an ExpertBank subclass selectable as `experts.type=<name>`."""
-
-    def wrap(cls):
-        if not issubclass(cls, ExpertBank):
-            raise TypeError(f"{cls.__name__} must subclass modular.experts.ExpertBank to be registered")
-        EXPERT_REGISTRY[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return wrap
+register_expert = registrar(EXPERT_REGISTRY, lambda: ExpertBank, "experts.type")
+register_expert.__doc__ = "Class decorator: make an ExpertBank subclass selectable as `experts.type=<name>`."
 
 
 class ExpertBank(nn.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from modular.errors import ConfigError
+from modular.registry import registrar
 
 EXPORT_FORMATS: dict[str, type[ExportFormat]] = {}
 # The built-in formats and the modules that register them: their names are known (config validation)
@@ -18,17 +19,8 @@ BUILTIN_FORMATS = {"llama-dense": "modular.export.dense", "mixtral": "modular.ex
                    "qwen2-moe": "modular.export.moe", "moe": "modular.export.moe"}
 
 
-def register_export_format(name: str):
-    """Class decorator: make an ExportFormat subclass selectable as `export.format=<name>`."""
-
-    def wrap(cls):
-        if not issubclass(cls, ExportFormat):
-            raise TypeError(f"{cls.__name__} must subclass modular.export.formats.ExportFormat to be registered")
-        EXPORT_FORMATS[name] = cls
-        cls.name = name
-        return cls
-
-    return wrap
+register_export_format = registrar(EXPORT_FORMATS, lambda: ExportFormat, "export.format", "name")
+register_export_format.__doc__ = "Class decorator: make an ExportFormat subclass selectable as `export.format=<name>`."
 
 
 class ExportFormat:

@@ -11,22 +11,14 @@ import torch
 from torch import Tensor, nn
 
 from modular.errors import ConfigError
+from modular.registry import registrar
 
 ROUTER_REGISTRY: dict[str, type[Router]] = {}
 MASKED_LOGIT = -1.0e4  # exp(-1e4) underflows to exactly 0 in fp32 and bf16: an expert never routed to
 
 
-def register_router(name: str):
-    """Class decorator: make a Router subclass selectable as `routing.type=<name>`."""
-
-    def wrap(cls):
-        if not issubclass(cls, Router):
-            raise TypeError(f"{cls.__name__} must subclass modular.routing.Router to be registered")
-        ROUTER_REGISTRY[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return wrap
+register_router = registrar(ROUTER_REGISTRY, lambda: Router, "routing.type")
+register_router.__doc__ = "Class decorator: make a Router subclass selectable as `routing.type=<name>`."
 
 
 @dataclass

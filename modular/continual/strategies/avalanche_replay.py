@@ -6,18 +6,12 @@ drawn from it, so the batch size stays the same.
 """
 
 from modular.continual import avalanche_adapter as av
-from modular.continual.strategies.base import Strategy, register_strategy
+from modular.continual.strategies.avalanche_base import AvalancheStrategy
+from modular.continual.strategies.base import register_strategy
 
 
 @register_strategy("avalanche_replay")
-class AvalancheReplay(Strategy):
-    one_process_only = True
-
-    @classmethod
-    def validate(cls, cfg, world_size: int) -> None:
-        super().validate(cfg, world_size)
-        av.validate_avalanche(cfg)
-
+class AvalancheReplay(AvalancheStrategy):
     def attach(self, run, model, s: int, trainer) -> None:
         super().attach(run, model, s, trainer)
         if s > 0:

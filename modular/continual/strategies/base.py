@@ -11,21 +11,13 @@ from __future__ import annotations
 
 from modular.continual import policies
 from modular.errors import ConfigError
+from modular.registry import registrar
 
 STRATEGY_REGISTRY: dict[str, type[Strategy]] = {}
 
 
-def register_strategy(name: str):
-    """Class decorator: make a Strategy subclass selectable as `continual.strategy=<name>`."""
-
-    def wrap(cls):
-        if not issubclass(cls, Strategy):
-            raise TypeError(f"{cls.__name__} must subclass modular.continual.strategies.Strategy to be registered")
-        STRATEGY_REGISTRY[name] = cls
-        cls.name = name
-        return cls
-
-    return wrap
+register_strategy = registrar(STRATEGY_REGISTRY, lambda: Strategy, "continual.strategy", "name")
+register_strategy.__doc__ = "Class decorator: make a Strategy subclass selectable as `continual.strategy=<name>`."
 
 
 class Strategy:

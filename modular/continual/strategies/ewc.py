@@ -5,18 +5,12 @@ to the run folder; every later stage adds ewc_lambda/2 · Σ F (θ − θ*)² fo
 """
 
 from modular.continual import avalanche_adapter as av
-from modular.continual.strategies.base import Strategy, register_strategy
+from modular.continual.strategies.avalanche_base import AvalancheStrategy
+from modular.continual.strategies.base import register_strategy
 
 
 @register_strategy("ewc")
-class EWC(Strategy):
-    one_process_only = True  # Avalanche's importances are written for one process
-
-    @classmethod
-    def validate(cls, cfg, world_size: int) -> None:
-        super().validate(cfg, world_size)
-        av.validate_avalanche(cfg)
-
+class EWC(AvalancheStrategy):
     def attach(self, run, model, s: int, trainer) -> None:
         super().attach(run, model, s, trainer)
         if s > 0:

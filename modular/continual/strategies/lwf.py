@@ -7,18 +7,12 @@ next-token distributions; the previous model is saved to the run folder after ea
 import copy
 
 from modular.continual import avalanche_adapter as av
-from modular.continual.strategies.base import Strategy, register_strategy
+from modular.continual.strategies.avalanche_base import AvalancheStrategy
+from modular.continual.strategies.base import register_strategy
 
 
 @register_strategy("lwf")
-class LwF(Strategy):
-    one_process_only = True
-
-    @classmethod
-    def validate(cls, cfg, world_size: int) -> None:
-        super().validate(cfg, world_size)
-        av.validate_avalanche(cfg)
-
+class LwF(AvalancheStrategy):
     def attach(self, run, model, s: int, trainer) -> None:
         super().attach(run, model, s, trainer)
         if s > 0:
