@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from export_helpers import build, hf_model, make_experts_identical
+
 from modular.continual import lifecycle
 from modular.errors import ConfigError
 from modular.export.domains import (
@@ -218,7 +218,7 @@ def test_every_domain_merged_loads_and_an_anchor_only_model_exports_its_route(tm
 
 def test_bad_domains_are_one_sentence(tmp_path):
     model, cfg = grown(own_banks=False, targets=["q_proj"])
-    with pytest.raises(ConfigError, match="export.domain=xx names a domain this run never saw; its domains are: en, de"):
+    with pytest.raises(ConfigError, match=r"export.domain=xx names a domain this run never saw; its domains are: en, de"):
         export_domain_dense(model, cfg, None, tmp_path / "xx", "xx", batches())
     plain, cfg_plain = build()
     with pytest.raises(ConfigError, match="this run has no domain routes"):
