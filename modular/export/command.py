@@ -136,9 +136,9 @@ def run_report(model, export_cfg, out: Path, eval_batches: dict, seed_model=None
 
         export_dir = out / BASE_FOLDER
         exported = {}
-        for d, batches in eval_batches.items():  # each domain's text through its own adapter (the anchor's: base)
-            route = model.domains[routes[d]]
-            exported[d] = evaluate(load_peft_model(out, route), {d: batches})[d]
+        for route in sorted(set(routes.values())):  # each domain's text through its own adapter (the anchor's: base)
+            texts = {d: batches for d, batches in eval_batches.items() if routes[d] == route}
+            exported.update(evaluate(load_peft_model(out, model.domains[route]), texts))
     return export_report(model, export_dir, eval_batches, seed_model=seed_model, out_path=out / "export_report.json",
                          routes=routes, exported_results=exported)
 

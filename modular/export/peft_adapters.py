@@ -136,7 +136,7 @@ def export_peft(model, cfg, tokenizer, out_dir: str | os.PathLike, calibration_b
                 scale: float | None = None, overwrite: bool = False, dtype: torch.dtype | None = None,
                 max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write `out_dir/base` (the anchor's dense route, a LlamaForCausalLM folder) and `out_dir/<domain>` (a PEFT
-    LoRA folder) for every later domain; `PeftModel.from_pretrained(base, out_dir/<domain>)` computes that domain's
+    LoRA folder) for every later domain; peft's PeftModel of the base and out_dir/<domain> computes that domain's
     dense route (export_domain_dense's model). Returns out_dir."""
     require_peft()
     from modular.export.report import load_hf_model
@@ -176,8 +176,8 @@ def export_peft(model, cfg, tokenizer, out_dir: str | os.PathLike, calibration_b
             write_json(tmp / domain / PEFT_INFO, adapters[domain])
         write_json(tmp / PEFT_INFO, {"base": BASE_FOLDER, "anchor": anchor, "adapters": list(adapters),
                                      "merge": merge, "ffn_width": width,
-                                     "load": "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
-                                             "<domain folder>)"})
+                                     "load": "peft.PeftModel.from_pretrained with the base (AutoModelForCausalLM) "
+                                             "and a domain's folder"})
     return out
 
 
@@ -190,5 +190,7 @@ def load_peft_model(folder: str | os.PathLike, domain: str | None = None, dtype:
     base = load_hf_model(folder / BASE_FOLDER, dtype=dtype)
     if domain is None or not (folder / domain / "adapter_config.json").is_file():
         return base
-    peft = require_peft()
-    return peft.PeftModel.from_pretrained(base, str(folder / domain), is_trainable=False).eval()
+    require_peft()
+    from modular.hf_folders import peft_adapter
+
+    return peft_adapter(base, folder / domain).eval()

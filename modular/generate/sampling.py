@@ -187,6 +187,10 @@ def generate_command(args: list[str]) -> int:
             prompt = value
         else:
             overrides.append(arg)
+    if prompt is None:  # a generate.prompt from a config file or preset
+        from modular.run.setup import compose_run, override_value
+
+        prompt = compose_run(overrides)[0].generate.prompt if override_value(overrides, "run.dir") else None
     if not prompt:
         raise ConfigError('modular generate needs a prompt to continue; give prompt="some text" (or generate.prompt).')
     model, cfg, _, _ = load_for_generation(overrides)
