@@ -21,7 +21,10 @@ Commands:
   continual run a stream of domains (continual.stream=[en,de,code_py]): grow, freeze, merge experts;
             writes report.json, report.md and plots to run.dir
   export    write run.dir's latest checkpoint for Hugging Face: export.format=llama-dense (merged,
-            export.merge=frequency|uniform|concat|task_arithmetic|ties) | mixtral | qwen2-moe | moe
+            export.merge=frequency|uniform|concat|task_arithmetic|ties) | mixtral | qwen2-moe | moe;
+            domain-routed runs: export.domain=NAME (one domain's route), export.peft=true (base + PEFT adapters)
+  generate  continue a prompt with run.dir's latest checkpoint: prompt="..." (generate.max_new_tokens,
+            temperature, top_k, seed, domain); prints the route it chose, then the text
   upcycle   turn a dense Llama (HF folder or .gguf: upcycle.source=PATH) into an MoE run folder
             (upcycle.num_experts=E run.dir=RUN) that modular train / continual continue
   eval      print per-domain validation loss, perplexity and bits per byte of run.dir's latest checkpoint
@@ -117,6 +120,12 @@ def cmd_export(overrides: list[str]) -> int:
     return export_command(overrides)
 
 
+def cmd_generate(args: list[str]) -> int:
+    from modular.generate.sampling import generate_command
+
+    return generate_command(args)
+
+
 def cmd_upcycle(overrides: list[str]) -> int:
     from modular.export.command import upcycle_command
 
@@ -130,7 +139,8 @@ def cmd_compare(args: list[str]) -> int:
 
 
 COMMANDS = {"info": cmd_info, "train": cmd_train, "continual": cmd_continual, "export": cmd_export,
-            "upcycle": cmd_upcycle, "eval": cmd_eval, "tokenizer": cmd_tokenizer, "compare": cmd_compare}
+            "generate": cmd_generate, "upcycle": cmd_upcycle, "eval": cmd_eval, "tokenizer": cmd_tokenizer,
+            "compare": cmd_compare}
 NO_CONFIG = ("compare",)  # commands that compose no config: their arguments pass through untouched
 
 
@@ -189,7 +199,9 @@ def composed_config(name: str, overrides: list[str]):
     """The config a command would run with, validated as the command validates it (for --cfg)."""
     from modular.config import compose_config
 
-    if name in ("train", "continual", "eval", "export"):
+    if name == "generate":  # the prompt is free text, not an override
+        overrides = [o for o in overrides if o.partition("=")[0].lstrip("+") not in ("prompt", "generate.prompt")]
+    if name in ("train", "continual", "eval", "export", "generate"):
         from modular.train.run import compose_run
 
         cfg = compose_run(overrides)[0]

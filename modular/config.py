@@ -18,6 +18,7 @@ from modular.data.config import DataConfig
 from modular.errors import ConfigError
 from modular.experts.config import ExpertsConfig, validate_experts
 from modular.export.config import ExportConfig, UpcycleConfig, validate_export, validate_upcycle
+from modular.generate.config import GenerateConfig, validate_generate
 from modular.kernels.config import KernelsConfig, validate_kernels
 from modular.models.config import ModelConfig, experts_per_moe_layer, moe_layer_indices, validate_model
 from modular.parallel.config import ParallelConfig, validate_parallel
@@ -40,6 +41,7 @@ __all__ = [
     "DataConfig",
     "ExpertsConfig",
     "ExportConfig",
+    "GenerateConfig",
     "KernelsConfig",
     "ModelConfig",
     "ParallelConfig",
@@ -72,6 +74,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     seed: int = 0
 
 
@@ -87,6 +90,7 @@ GROUP_SCHEMAS = {
     "parallel": ParallelConfig,
     "export": ExportConfig,
     "upcycle": UpcycleConfig,
+    "generate": GenerateConfig,
 }
 
 _registered = False
@@ -341,6 +345,7 @@ def validate(cfg) -> None:
     validate_train(cfg)
     validate_export(cfg)
     validate_upcycle(cfg)
+    validate_generate(cfg)
     validate_parallel(cfg, experts_per_moe_layer(cfg), moe_layer_indices(cfg.model))
     from modular.data.config import as_data_config
 

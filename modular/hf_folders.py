@@ -60,3 +60,11 @@ def auto_causal_lm(folder: str | Path, **kwargs):
 
     refuse_custom_code(folder)
     return AutoModelForCausalLM.from_pretrained(str(folder), **LOCAL_ONLY, **kwargs)
+
+
+def peft_adapter(base_model, folder: str | Path):
+    """peft.PeftModel: a local PEFT adapter folder on `base_model`, offline, for inference."""
+    from peft import PeftModel
+
+    refuse_custom_code(folder)
+    return PeftModel.from_pretrained(base_model, str(folder), is_trainable=False, local_files_only=True)

@@ -1,5 +1,6 @@
-"""Hugging Face export and import: MoE → Mixtral/Qwen2-MoE (lossless), MoE → merged dense Llama,
-dense Llama (safetensors or GGUF) → ModularLM and sparse upcycling, plus the export report.
+"""Hugging Face export and import: MoE → Mixtral/Qwen2-MoE (lossless), MoE → merged dense Llama (a domain-routed
+model: one domain's route, every domain merged, or base + PEFT adapters), dense Llama (safetensors or GGUF) →
+ModularLM and sparse upcycling, plus the export report.
 """
 
 import importlib
@@ -21,6 +22,9 @@ _HOMES = {
     "register_export_format": "formats",
     "evaluate": "report", "export_report": "report", "load_hf_model": "report",
     "load_hf_llama": "upcycle", "save_source_tokenizer": "upcycle", "upcycle": "upcycle",
+    "export_domain_dense": "domains", "export_all_domains_dense": "domains", "route_state_dict": "domains",
+    "dense_route_state": "domains", "merge_domain_states": "domains",
+    "export_peft": "peft_adapters", "load_peft_model": "peft_adapters",
 }
 __all__ = list(_HOMES)
 

@@ -48,20 +48,35 @@ def check_export_out(out: Path, run_dir: Path) -> None:
 
 
 def export_command(overrides: list[str]) -> int:
-    """`modular export run.dir=RUN export.format=llama-dense|mixtral|qwen2-moe|moe export.merge=...`."""
+    """`modular export run.dir=RUN export.format=llama-dense|mixtral|qwen2-moe|moe export.merge=...`
+    (domain-routed runs: export.domain=NAME, export.peft=true)."""
     from modular.data.loader import validation_sets
     from modular.data.tokenizer import load_tokenizer
     from modular.export.dense import routing_mass_is_one
     from modular.export.formats import export_format
-    from modular.export.report import export_report
     from modular.export.upcycle import load_hf_llama
     from modular.run.setup import load_run_model
 
     model, cfg, folder, checkpoint = load_run_model(overrides, "export")
     e = cfg.export
+    routed = bool(getattr(model, "domains", None))
+    if e.domain is not None or e.peft:
+        from modular.export.domains import domain_index
+
+        if e.domain is not None:
+            domain_index(model, e.domain)
+        elif len(model.domains) < 2:
+            raise ConfigError(f"export.peft=true writes one adapter per domain after the first, but this run has "
+                              f"{'no domain routes' if not routed else 'only the anchor domain ' + model.domains[0]}; "
+                              "export it without export.peft.")
+        if e.peft:
+            from modular.export.peft_adapters import require_peft
+
+            require_peft()
     fmt = export_format(e.format, e)
     fmt.check(model, cfg)
-    out = Path(e.out) if e.out else folder / "export" / e.format
+    name = "peft" if e.peft else e.format + (f"-{e.domain}" if e.domain is not None else "")
+    out = Path(e.out) if e.out else folder / "export" / name
     check_export_out(out, folder)
     dtype = None if e.dtype == "auto" else DTYPES[e.dtype]
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -72,30 +87,73 @@ def export_command(overrides: list[str]) -> int:
         seed_model, _ = load_hf_llama(seed_source)
     t = cfg.train
     calibration = None
-    if fmt.needs_calibration or (not fmt.exact and not routing_mass_is_one(cfg)):
+    dense_routes = routed and e.format == "llama-dense"  # each route calibrated on its own domain's text
+    if dense_routes or fmt.needs_calibration or (not fmt.exact and not routing_mass_is_one(cfg)):
         sets = validation_sets(cfg.data, t.batch_size, t.seq_len, max_batches=e.calibration_batches,
                                progress=t.progress, tokenizer=tokenizer)
-        calibration = [batch.inputs for val in sets.values() for batch in val]
-    fmt.write(model, cfg, tokenizer, out, seed_model=seed_model, calibration_batches=calibration,
-              overwrite=e.overwrite, dtype=dtype, max_shard_size=e.max_shard_size)
-    print(f"exported {checkpoint} as {e.format} to {out}")
+        if dense_routes:
+            calibration = {d: [batch.inputs for batch in sets[d]] for d in model.domains if d in sets}
+        else:
+            calibration = [batch.inputs for val in sets.values() for batch in val]
+    if e.peft:
+        from modular.export.peft_adapters import export_peft
+
+        export_peft(model, cfg, tokenizer, out, calibration, e.merge, seed_model, density=e.density, scale=e.scale,
+                    overwrite=e.overwrite, dtype=dtype, max_shard_size=e.max_shard_size)
+    else:
+        fmt.write(model, cfg, tokenizer, out, seed_model=seed_model, calibration_batches=calibration,
+                  overwrite=e.overwrite, dtype=dtype, max_shard_size=e.max_shard_size)
+    what = f"domain {e.domain}'s route" if e.domain is not None else \
+        "the anchor's route + PEFT adapters" if e.peft else "every domain merged" if routed else checkpoint
+    print(f"exported {what} ({checkpoint}) as {e.format}{' + peft' if e.peft else ''} to {out}")
     if e.report:
         sets = validation_sets(cfg.data, t.batch_size, t.seq_len, max_batches=t.eval_batches, progress=t.progress,
                                tokenizer=tokenizer)
-        report = export_report(model, out, {d: list(v) for d, v in sets.items()}, seed_model=seed_model,
-                               out_path=out / "export_report.json")
+        report = run_report(model, e, out, {d: list(v) for d, v in sets.items()}, seed_model)
         print(format_report(report))
     return 0
+
+
+def report_routes(model, export_cfg, domains) -> dict[str, int] | None:
+    """{validation domain: the route our model is compared under}: export.domain's for every domain, else each
+    domain's own (its oracle route; a domain the model never saw takes the anchor's); None without domains."""
+    if not getattr(model, "domains", None):
+        return None
+    if export_cfg.domain is not None:
+        return {d: model.domains.index(export_cfg.domain) for d in domains}
+    return {d: model.domains.index(d) if d in model.domains else 0 for d in domains}
+
+
+def run_report(model, export_cfg, out: Path, eval_batches: dict, seed_model=None) -> dict:
+    """export_report.json of an export just written (a PEFT export: each domain's base + adapter)."""
+    from modular.export.report import evaluate, export_report
+
+    routes = report_routes(model, export_cfg, eval_batches)
+    exported = None
+    export_dir = out
+    if export_cfg.peft:
+        from modular.export.peft_adapters import BASE_FOLDER, load_peft_model
+
+        export_dir = out / BASE_FOLDER
+        exported = {}
+        for route in sorted(set(routes.values())):  # each domain's text through its own adapter (the anchor's: base)
+            texts = {d: batches for d, batches in eval_batches.items() if routes[d] == route}
+            exported.update(evaluate(load_peft_model(out, model.domains[route]), texts))
+    return export_report(model, export_dir, eval_batches, seed_model=seed_model, out_path=out / "export_report.json",
+                         routes=routes, exported_results=exported)
 
 
 def format_report(report: dict) -> str:
     def ppl(cell):
         return f"{cell['perplexity']:10.3f}" if cell else f"{'-':>10}"
 
-    lines = [f"{'domain':<12} {'moe':>10} {'exported':>10} {'seed':>10} {'retained':>9}"]
+    routed = any("route" in row for row in report["domains"].values())
+    route_head = f" {'route':<10}" if routed else ""
+    lines = [f"{'domain':<12}{route_head} {'moe':>10} {'exported':>10} {'seed':>10} {'retained':>9}"]
     for domain, row in list(report["domains"].items()) + [("mean", report["mean"])]:
         share = row["retained_share"]
-        lines.append(f"{domain:<12} {ppl(row['moe'])} {ppl(row['exported'])} {ppl(row['seed'])} "
+        route = f" {row.get('route', ''):<10}" if routed else ""
+        lines.append(f"{domain:<12}{route} {ppl(row['moe'])} {ppl(row['exported'])} {ppl(row['seed'])} "
                      f"{'-' if share is None else f'{share:.1%}':>9}")
     return "\n".join(lines)
 

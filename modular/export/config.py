@@ -11,6 +11,7 @@ from typing import Any, Optional
 from modular.errors import ConfigError
 
 MERGES = ("uniform", "frequency", "concat", "task_arithmetic", "ties")
+DOMAIN_MERGES = ("task_arithmetic", "ties")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -28,6 +29,12 @@ class ExportConfig:
     max_shard_size: str = "5GB"
     overwrite: bool = False
     report: bool = True  # write <out>/export_report.json (validation perplexity per domain)
+    # domain-routed runs (continual=isolate): export one domain's route (null: every domain merged into one model)
+    domain: Optional[str] = None
+    domain_merge: str = "ties"  # how the domains' routes merge relative to the anchor's: task_arithmetic | ties
+    domain_scale: Optional[float] = None  # λ on the merged domain task vectors; null = 1.0
+    domain_density: float = 1.0  # ties: share of each domain task vector kept
+    peft: bool = False  # llama-dense: <out>/base (the anchor's route) + one PEFT LoRA folder per later domain
 
 
 @dataclass
@@ -50,6 +57,16 @@ def validate_export(cfg) -> None:
         raise ConfigError(f"export.merge='{e.merge}' is unknown; allowed: {', '.join(MERGES)}.")
     if not 0 < e.density <= 1:
         raise ConfigError(f"export.density={e.density} is not allowed; it must be in (0, 1].")
+    if e.domain_merge not in DOMAIN_MERGES:
+        raise ConfigError(f"export.domain_merge='{e.domain_merge}' is unknown; allowed: {', '.join(DOMAIN_MERGES)}.")
+    if not 0 < e.domain_density <= 1:
+        raise ConfigError(f"export.domain_density={e.domain_density} is not allowed; it must be in (0, 1].")
+    if e.peft and e.format != "llama-dense":
+        raise ConfigError(f"export.peft=true writes a dense Llama base with PEFT adapters, but export.format={e.format}; "
+                          "use export.format=llama-dense.")
+    if e.peft and e.domain is not None:
+        raise ConfigError(f"export.peft=true writes the base and every domain's adapter, so export.domain={e.domain} "
+                          "cannot be combined with it; leave export.domain unset.")
     if not (isinstance(e.calibration_batches, int) and e.calibration_batches >= 1):
         raise ConfigError(f"export.calibration_batches={e.calibration_batches} is not allowed; it must be an integer >= 1.")
     if e.dtype not in DTYPES:

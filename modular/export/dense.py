@@ -67,11 +67,13 @@ def _input_ids(batch) -> Tensor:
 
 
 @torch.no_grad()
-def calibrate(model, batches: Iterable) -> Calibration:
+def calibrate(model, batches: Iterable, domain_id: int | None = None) -> Calibration:
     """Run `model` (eval mode) over `batches` and collect per-layer expert frequencies and routing mass.
 
     Frequencies come from `model.moe_stats()` (assignments after any capacity drops); the routing mass
     (how much total weight a token's routed experts get: 1 for a renormalised top-k) from the routers.
+    domain_id: route every row as that domain of a domain-routed model (ModularLM.domains); None = its
+    plain forward.
     """
     moe_layers = {i: layer.mlp for i, layer in enumerate(model.layers) if layer.is_moe}
     counts = {i: torch.zeros(moe.num_experts, dtype=torch.float64) for i, moe in moe_layers.items()}
@@ -84,7 +86,10 @@ def calibrate(model, batches: Iterable) -> Calibration:
     try:
         for batch in batches:
             ids = _input_ids(batch).to(device)
-            model(ids)
+            if domain_id is None:
+                model(ids)
+            else:
+                model(ids, domain_ids=torch.full((ids.shape[0],), domain_id, dtype=torch.int64, device=device))
             seen += ids.numel()
             for i, stats in model.moe_stats().items():
                 counts[i] += stats["tokens_per_expert"].double().cpu()
@@ -279,7 +284,30 @@ class LlamaDenseFormat(ExportFormat):
 
     def write(self, model, cfg, tokenizer, out_dir, *, seed_model=None, calibration_batches=None, overwrite=False,
               dtype=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> Path:
+        """calibration_batches: for a domain-routed model, {domain: batches of its text} (each route is
+        calibrated on its own domain); else one list of batches."""
         e = self.export_cfg
+        if getattr(model, "domains", None):
+            from modular.export.domains import domain_index, export_all_domains_dense, export_domain_dense
+
+            by_domain = calibration_batches if isinstance(calibration_batches, Mapping) else None
+            if by_domain is None:
+                raise ConfigError("a domain-routed model is calibrated domain by domain; pass calibration_batches="
+                                  "{domain: batches of its text}.")
+            common = {"merge": e.merge, "seed_ffn": seed_model, "density": e.density, "scale": e.scale,
+                      "overwrite": overwrite, "dtype": dtype, "max_shard_size": max_shard_size}
+            if e.domain is not None:
+                domain_index(model, e.domain)
+                if e.domain not in by_domain:
+                    raise ConfigError(f"export.domain={e.domain} has no validation data in data.domains to calibrate "
+                                      f"its route; add it (+data.domains.{e.domain}.val=PATH).")
+                return export_domain_dense(model, cfg, tokenizer, out_dir, e.domain, by_domain[e.domain], **common)
+            return export_all_domains_dense(model, cfg, tokenizer, out_dir, by_domain, domain_merge=e.domain_merge,
+                                            domain_scale=e.domain_scale, domain_density=e.domain_density, **common)
+        if e.domain is not None:
+            from modular.export.domains import domain_index
+
+            domain_index(model, e.domain)  # raises: the model has no domain routes
         return export_dense(model, cfg, tokenizer, out_dir, merge=e.merge, seed_ffn=seed_model,
                             calibration_batches=calibration_batches, density=e.density, scale=e.scale,
                             overwrite=overwrite, dtype=dtype, max_shard_size=max_shard_size)

@@ -43,25 +43,43 @@ def choose_moe_adapter(state_dict, cfg, format: str = "moe") -> StateDictAdapter
 
 
 def export_moe(model, cfg, tokenizer, out_dir: str | os.PathLike, *, format: str = "moe", overwrite: bool = False,
-               dtype: torch.dtype | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+               dtype: torch.dtype | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+               domain: str | None = None) -> Path:
     """Write `model` as an HF MoE folder that `AutoModelForCausalLM.from_pretrained` loads with no custom code.
 
     The export is exact: the reloaded model computes our logits (up to float rounding) — same router
     (softmax, top-k, renormalised or not), same experts (banks concatenated, low-rank ones materialised).
-    Returns the folder.
+    domain: a domain-routed model's domain whose route is written (its deltas merged, its experts alone):
+    exact too. Returns the folder.
     """
-    state_dict = model.state_dict()
+    state_dict, cfg, info = _state_of(model, cfg, domain)
     adapter = choose_moe_adapter(state_dict, cfg, format)
     return write_hf_folder(adapter, state_dict, cfg, tokenizer, out_dir, overwrite=overwrite, dtype=dtype,
                            max_shard_size=max_shard_size,
-                           info={"kind": "moe", "exact": True, "model_type": adapter.model_type})
+                           info={"kind": "moe", "exact": True, "model_type": adapter.model_type, **info})
+
+
+def _state_of(model, cfg, domain: str | None):
+    """(state dict, cfg, provenance) of what an MoE export writes: the model, or one domain's route of it."""
+    if domain is None:
+        return model.state_dict(), cfg, {}
+    from modular.export.domains import domain_deltas, route_cfg, route_state_dict
+
+    state, tied = route_state_dict(model, domain)
+    deltas = sorted({place for _, _, place, _ in domain_deltas(model, domain)})
+    return state, route_cfg(cfg, tied), {"domain": domain, "deltas": deltas}
 
 
 class _MoEFormat(ExportFormat):
     """The MoE itself, exactly, in a Hugging Face MoE architecture."""
 
     def cannot_express(self, model, cfg) -> list[str]:
-        state_dict = model.state_dict()
+        from modular.export.domains import domain_routing_feature, has_domain_routes
+
+        domain = getattr(self.export_cfg, "domain", None)
+        if domain is None and has_domain_routes(model):
+            return [domain_routing_feature(model)]
+        state_dict, cfg, _ = _state_of(model, cfg, domain)
         if self.name in MOE_ADAPTERS:
             return MOE_ADAPTERS[self.name]().misfits(state_dict, cfg)
         try:
@@ -73,7 +91,7 @@ class _MoEFormat(ExportFormat):
     def write(self, model, cfg, tokenizer, out_dir, *, seed_model=None, calibration_batches=None, overwrite=False,
               dtype=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> Path:
         return export_moe(model, cfg, tokenizer, out_dir, format=self.name, overwrite=overwrite, dtype=dtype,
-                          max_shard_size=max_shard_size)
+                          max_shard_size=max_shard_size, domain=getattr(self.export_cfg, "domain", None))
 
 
 @register_export_format("mixtral")

@@ -86,18 +86,40 @@ def retained_share(loss_seed: float | None, loss_moe: float, loss_exported: floa
     return (loss_seed - loss_exported) / gain
 
 
+def evaluate_routes(model, eval_batches: Mapping[str, Sequence[Batch]], routes: Mapping[str, int]) -> dict[str, dict]:
+    """evaluate() of a domain-routed ModularLM with every row of domain `name` routed as domain id routes[name]."""
+    device = next(model.parameters()).device
+
+    def routed(domain_id: int):
+        return lambda ids: model(ids.to(device), domain_ids=torch.full((ids.shape[0],), domain_id, dtype=torch.int64,
+                                                                       device=device)).logits
+
+    was_training = model.training
+    model.eval()
+    try:
+        return {domain: evaluate(routed(int(routes[domain])), {domain: batches})[domain]
+                for domain, batches in eval_batches.items()}
+    finally:
+        model.train(was_training)
+
+
 def export_report(moe_model, export_dir: str | os.PathLike, eval_batches: Mapping[str, Sequence[Batch]], *,
-                  seed_model=None, out_path: str | os.PathLike | None = None) -> dict:
+                  seed_model=None, out_path: str | os.PathLike | None = None, routes: Mapping[str, int] | None = None,
+                  exported_results: Mapping[str, dict] | None = None) -> dict:
     """Evaluate the MoE, its export reloaded by transformers and the seed on every domain; write JSON to
     out_path if given.
 
     eval_batches: {domain: [(inputs [B, T], targets [B, T]), ...]} (or objects with .inputs/.targets).
     seed_model: a ModularLM, an HF model, an HF folder path, or None.
+    routes: {domain: domain id} for a domain-routed MoE: its rows of each domain take that route (None: the
+      plain forward). exported_results: the exported side already evaluated (evaluate()'s {domain: {...}});
+      None loads export_dir with transformers.
     """
     if not eval_batches:
         raise ConfigError("eval_batches is empty; give at least one domain with batches.")
-    moe = evaluate(moe_model, eval_batches)
-    exported = evaluate(load_hf_model(export_dir), eval_batches)
+    moe = evaluate_routes(moe_model, eval_batches, routes) if routes is not None else evaluate(moe_model, eval_batches)
+    exported = dict(exported_results) if exported_results is not None else \
+        evaluate(load_hf_model(export_dir), eval_batches)
     seed = None
     if seed_model is not None:
         seed_model = load_hf_model(seed_model) if isinstance(seed_model, (str, os.PathLike)) else seed_model
@@ -112,6 +134,8 @@ def export_report(moe_model, export_dir: str | os.PathLike, eval_batches: Mappin
             "seed": {k: seed[domain][k] for k in ("loss", "perplexity")} if seed else None,
             "retained_share": retained_share(seed_loss, moe[domain]["loss"], exported[domain]["loss"]),
         }
+        if routes is not None:  # which route of the MoE the row was compared with
+            domains[domain]["route"] = moe_model.domains[int(routes[domain])]
     report = {
         "export_dir": str(Path(export_dir).resolve()),
         "domains": domains,
