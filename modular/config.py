@@ -32,6 +32,7 @@ class ModelConfig:
 
     name: str = "small"
     vocab_size: int = 259  # the byte tokenizer: 256 bytes + pad, bos, eos
+    max_vocab_size: Optional[int] = None  # the most tokens vocabulary growth may take it to (null: no limit)
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4

@@ -13,6 +13,7 @@ from modular.continual.strategies.base import Strategy, register_strategy
 @register_strategy("lwf")
 class LwF(Strategy):
     one_process_only = True
+    follows_vocabulary_growth = False  # the saved teacher has the previous stage's vocabulary
 
     @classmethod
     def validate(cls, cfg, world_size: int) -> None:
