@@ -24,7 +24,7 @@ class GrowVocabConfig:
     max_new_tokens: int = 0  # tokens a stage may add (0: never grow)
     domains: Optional[List[str]] = None  # stream domains that may grow (null: every stage after the first)
     # grow only when the current tokenizer needs more than this many tokens per byte of the new domain's text
-    tokens_per_byte_threshold: float = 0.6
+    tokens_per_byte_threshold: float = 0.4
     # merges hold a character that makes up less than this share of the earlier domains' training text
     new_char_share: float = 1e-5
     sample_bytes: int = 4_000_000  # the new domain's training text the merges are learnt on (its first bytes)
