@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from helpers import tiny_cfg
 
+from helpers import tiny_cfg
 from modular.models import build_model
 from modular.models.embedding import OutputHead, TokenEmbedding, add_vocab_rows
 from modular.models.structure import apply_structure, model_structure
@@ -57,7 +57,7 @@ def test_the_state_dict_holds_one_weight_and_loads_back_into_the_blocks():
     fresh.add_block(torch.zeros(2, 5), "ja")
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh.weight, embedding.weight, rtol=0, atol=0)
-    assert fresh.owned_token_ids() == {None: range(0, 7), "ru": range(7, 10), "ja": range(10, 12)}
+    assert fresh.owned_token_ids() == {None: range(7), "ru": range(7, 10), "ja": range(10, 12)}
     missing = fresh.load_state_dict({}, strict=False)
     assert missing.missing_keys == ["weight"]
     result = fresh.load_state_dict({"weight": state["weight"], "block_0": state["weight"]}, strict=False)

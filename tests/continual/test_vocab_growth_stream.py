@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import corpora_with_russian, english_bpe, russian_texts, tiny_cfg
 from safetensors.torch import load_file
 
+from helpers import corpora_with_russian, english_bpe, russian_texts, tiny_cfg
 from modular.cli import main
 from modular.continual import lifecycle
 from modular.data.tokenizer import ByteTokenizer, HFTokenizer
@@ -208,7 +208,7 @@ def test_new_rows_start_as_the_mean_of_the_old_rows_of_their_pieces(small_model,
 
 def test_the_api_reuses_a_saved_growth_and_leaves_a_well_split_domain_alone(small_model, tmp_path):
     model, tokenizer = small_model
-    kwargs = dict(domain="ru", out_dir=tmp_path / "tok", max_new_tokens=40, earlier_texts=["English only."])
+    kwargs = {"domain": "ru", "out_dir": tmp_path / "tok", "max_new_tokens": 40, "earlier_texts": ["English only."]}
     first = lifecycle.grow_vocabulary(model, tokenizer, russian_texts(40, seed=0), **kwargs)
     twin = build_model(tiny_cfg(f"model.vocab_size={tokenizer.vocab_size}", "model.tie_embeddings=false",
                                 "experts.num_experts=4", "experts.ffn_dim=32"))

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import english_bpe, russian_texts
 
+from helpers import english_bpe, russian_texts
 from modular.data import vocab_growth as vg
 from modular.data.config import resolve_path
 from modular.data.tokenizer import ByteTokenizer, HFTokenizer
@@ -101,7 +101,7 @@ def test_a_folder_that_cannot_be_written_is_one_sentence(grown, tmp_path):
     old, _, merges, _, _ = grown
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(UserError, match="cannot be created: .* is a file"):
+    with pytest.raises(UserError, match=r"cannot be created: .* is a file"):
         vg.check_writable(blocker / "tokenizer")
     with pytest.raises(UserError, match="is a file; it cannot hold the grown tokenizer"):
         vg.check_writable(blocker)

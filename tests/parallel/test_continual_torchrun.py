@@ -175,7 +175,6 @@ def test_vocabulary_growth_at_ep2_equals_one_process(tmp_path, monkeypatch):
     """Rank 0 learns the merges and writes the tokenizer, every rank grows the same rows; frozen old rows stay
     bitwise, the new ones train, and the stream equals one process on the same global batch."""
     from helpers import corpora_with_russian, english_bpe
-
     from modular.data.tokenizer import HFTokenizer
 
     monkeypatch.setenv("MODULAR_CORPORA", str(corpora_with_russian(tmp_path / "corpora")))
