@@ -354,6 +354,11 @@ def validate(cfg) -> None:
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
         _positive_int(m[key], f"model.{key}")
     _require(
+        m.max_vocab_size is None or (isinstance(m.max_vocab_size, int) and m.max_vocab_size >= m.vocab_size),
+        f"model.max_vocab_size={m.max_vocab_size} is not allowed; it must be null or an integer >= "
+        f"model.vocab_size={m.vocab_size}.",
+    )
+    _require(
         m.d_model % m.n_heads == 0,
         f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
         "d_model must be a multiple of n_heads.",

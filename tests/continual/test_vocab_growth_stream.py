@@ -271,3 +271,20 @@ def test_smollm2s_tokenizer_grows_for_russian_and_exports(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bits_per_byte_count_the_same_bytes_under_both_tokenizers(grown_run):
+    """The figure that compares vocabularies: every validation byte of ru counted once, whatever the tokens."""
+    from modular.config import compose_config
+    from modular.data.loader import validation_sets
+
+    run, _ = grown_run
+    cfg = compose_config(json.loads((run / "overrides.json").read_text()))
+    grown = HFTokenizer(run / "stages" / "01-ru" / "tokenizer")
+    sets = [validation_sets(cfg.data, 2, 32, domains=["ru"], tokenizer=tok)["ru"]
+            for tok in (HFTokenizer(cfg.data.tokenizer.path), grown)]
+    text_bytes = sum(len(t.encode("utf-8")) for t in russian_texts(12, seed=1))
+    assert [s.shard.num_bytes for s in sets] == [text_bytes, text_bytes]
+    assert sets[1].num_target_tokens < 0.5 * sets[0].num_target_tokens  # the same text in fewer tokens
+    for s in sets:  # whole windows cover all but the tail (< seq_len tokens) of the split
+        assert 0 <= text_bytes - s.num_bytes <= text_bytes * 32 / (s.shard.num_tokens - 1)
