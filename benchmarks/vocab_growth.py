@@ -78,6 +78,9 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, default=600, help="steps of the base model on en")
     parser.add_argument("--stage-steps", type=int, default=400, help="steps of the ru stage without growth")
     parser.add_argument("--val-bytes", type=int, default=100_000, help="validation text of en and ru, in bytes")
+    parser.add_argument("--freeze", default="",
+                        help="continual.freeze of the ru stage, e.g. old_experts,old_router,attention,embeddings,norms "
+                             "(default: add_freeze's); the runs go to --out/<name>-frozen-<n parts>")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("overrides", nargs="*", help="overrides applied to every run")
     args = parser.parse_args()
@@ -107,10 +110,14 @@ def main() -> None:
                     f"continual.first_stage_steps={args.base_steps}", f"run.dir={base}"]) == 0, "the base run failed"
     stage = [*common, "continual.stream=[en,ru]", "continual=add_freeze", "continual.replay=0.25",
              "continual.first_stage_steps=0", f"train.init_from={latest_checkpoint(base)}"]
+    suffix = ""
+    if args.freeze:
+        stage.append(f"continual.freeze=[{args.freeze}]")
+        suffix = f"-frozen-{len(args.freeze.split(','))}"
     # equal training FLOPs: the grown run's steps shrink by the ratio of FLOPs per token (its wider head)
     ratio = flops_per_token(stage, english.vocab_size) / flops_per_token(stage, english.vocab_size + args.new_tokens)
-    runs = {"without growth": (out / "plain", [f"continual.steps_per_stage={args.stage_steps}"]),
-            f"grown by {args.new_tokens}": (out / "grown", [f"continual.steps_per_stage={round(args.stage_steps * ratio)}",
+    runs = {"without growth": (out / f"plain{suffix}", [f"continual.steps_per_stage={args.stage_steps}"]),
+            f"grown by {args.new_tokens}": (out / f"grown{suffix}", [f"continual.steps_per_stage={round(args.stage_steps * ratio)}",
                                                            f"continual.grow_vocab.max_new_tokens={args.new_tokens}"])}
     for run, extra in runs.values():
         if not (run / "report.json").exists():
@@ -135,8 +142,9 @@ def main() -> None:
         })
     plain, grown = rows
 
+    frozen = f" (continual.freeze=[{args.freeze}])" if args.freeze else ""
     print(f"\n# vocabulary growth en → ru: English BPE of {english.vocab_size} tokens, base {args.base_steps} steps on en, "
-          f"ru stage add_freeze + 25% en replay at equal training FLOPs; {platform.machine()}, "
+          f"ru stage add_freeze{frozen} + 25% en replay at equal training FLOPs; {platform.machine()}, "
           f"{os.cpu_count()} cores, train.threads={args.threads}, {time.strftime('%Y-%m-%d')}; "
           f"model: {' '.join(MODEL + args.overrides)}")
     print("| run | ru steps | vocabulary | tokens/byte ru | tokens/byte en | bpb ru after | bpb en after | "
@@ -152,12 +160,14 @@ def main() -> None:
         ("ru tokens per byte down >= 30%", 1 - grown["tpb"]["ru"] / plain["tpb"]["ru"], 0.30, True),
         ("ru bits per byte better with growth", plain["bpb"]["ru"] - grown["bpb"]["ru"], 0.0, True),
         ("en bits per byte within 1% of no growth", abs(grown["bpb"]["en"] / plain["bpb"]["en"] - 1), 0.01, False),
+        ("en bits per byte within 1% of before the stage (grown)", abs(grown["bpb"]["en"] / grown["bpb_before"]["en"] - 1),
+         0.01, False),
     ]
     for what, value, bound, above in targets:
         met = value >= bound if above else value <= bound
         print(f"- {what}: {value:+.4f} ({'met' if met else 'MISSED'})")
     print(f"(total {time.perf_counter() - started:.0f} s)")
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / f"results{suffix}.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
