@@ -18,7 +18,7 @@ def grown_matrices(dtype=torch.float64):
     embedding, head = TokenEmbedding(7, 5), OutputHead(7, 5)
     for m in (embedding, head):
         with torch.no_grad():
-            m.block_0.copy_(torch.randn(7, 5, generator=g))
+            m.weight.copy_(torch.randn(7, 5, generator=g))
         m.add_block(torch.randn(3, 5, generator=g), "ru")
         m.add_block(torch.randn(2, 5, generator=g), "ja")
         m.to(dtype)
@@ -42,9 +42,9 @@ def test_blocks_compute_what_one_matrix_computes_forward_and_backward():
 
 def test_a_frozen_block_gets_no_gradient_and_the_others_do():
     embedding, _ = grown_matrices(torch.float32)
-    embedding.block_0.requires_grad_(False)
+    embedding.weight.requires_grad_(False)
     embedding(torch.tensor([[0, 8, 10]])).sum().backward()
-    assert embedding.block_0.grad is None
+    assert embedding.weight.grad is None
     assert embedding.block_1.grad.abs().sum() > 0 and embedding.block_2.grad.abs().sum() > 0
 
 
@@ -60,8 +60,8 @@ def test_the_state_dict_holds_one_weight_and_loads_back_into_the_blocks():
     assert fresh.owned_token_ids() == {None: range(7), "ru": range(7, 10), "ja": range(10, 12)}
     missing = fresh.load_state_dict({}, strict=False)
     assert missing.missing_keys == ["weight"]
-    result = fresh.load_state_dict({"weight": state["weight"], "block_0": state["weight"]}, strict=False)
-    assert result.unexpected_keys == ["block_0"]
+    result = fresh.load_state_dict({"weight": state["weight"], "block_1": state["weight"]}, strict=False)
+    assert result.unexpected_keys == ["block_1"]
 
 
 def test_a_grown_model_checkpoints_like_a_plain_one_of_the_whole_vocabulary():
@@ -100,7 +100,7 @@ def test_tied_rows_stay_tied_through_growth_and_copies():
     add_vocab_rows(model, torch.randn(3, model.d_model), None, "ru")
     assert model.lm_head.blocks[1] is model.embed_tokens.blocks[1]
     assert [n for n, _ in model.named_parameters() if "lm_head" in n or "embed" in n] == \
-        ["embed_tokens.block_0", "embed_tokens.block_1"]
+        ["embed_tokens.weight", "embed_tokens.block_1"]
     twin = copy.deepcopy(model)
     assert twin.lm_head.blocks[1] is twin.embed_tokens.blocks[1] and twin.embed_tokens.blocks[1] is not \
         model.embed_tokens.blocks[1]

@@ -156,8 +156,8 @@ def _saved_growth(folder: Path, tokenizer: Tokenizer, max_new_tokens: int) -> tu
 def _add_rows(model, old_backend, new_tokens: list[str], domain: str) -> range:
     """Each new token's rows: the mean of the old rows of the tokens its text splits into under the old tokenizer."""
     pieces = [[t.id for t in old_backend.model.tokenize(token)] for token in new_tokens]
-    embedding = model.embed_tokens.weight.detach()  # [V, D]
-    head = None if model.lm_head.tied else model.lm_head.weight.detach()
+    embedding = model.embed_tokens.full_weight.detach()  # [V, D]
+    head = None if model.lm_head.tied else model.lm_head.full_weight.detach()
 
     def means(rows_VD):
         return torch.stack([rows_VD[torch.tensor(ids, device=rows_VD.device)].float().mean(0) for ids in pieces])

@@ -84,7 +84,7 @@ class ModularLM(nn.Module):
     def _init_weights(self, std: float) -> None:
         # Hugging Face Llama's init: N(0, std) for every linear and embedding; norms start at 1.
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding, VocabRows)):
+            if isinstance(module, (nn.Linear, nn.Embedding, VocabRows)):  # VocabRows: its first block, `weight`
                 nn.init.normal_(module.weight, mean=0.0, std=std)
 
     @property

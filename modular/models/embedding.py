@@ -16,74 +16,70 @@ from torch import Tensor, nn
 
 
 class VocabRows(nn.Module):
-    """A [V, D] matrix as parameters block_0 [N0, D], block_1 [N1, D], …; `owners[k]` is the domain of block k
-    (None for the rows the model was built with)."""
+    """A [V, D] matrix as blocks of rows: `weight` [N0, D], the rows the model was built with (nn.Embedding's
+    and nn.Linear's name, so parameter names match the state dict until the vocabulary grows), then block_1
+    [N1, D], block_2, …; `owners[k]` is the domain that added block k (None for the first). `full_weight` is
+    the whole matrix."""
 
     def __init__(self, num_rows: int, dim: int):
         super().__init__()
         self.dim = dim
-        self.block_0 = nn.Parameter(torch.empty(num_rows, dim))
+        self.weight = nn.Parameter(torch.empty(num_rows, dim))
         self._owners: list[str | None] = [None]
-        self._source: VocabRows | None = None  # tied: the rows are another module's (the embedding's)
+        self.tied = False  # True: every block is the embedding's own parameter (tied output head)
 
     # -- the rows ---------------------------------------------------------------------------------------
     @property
-    def tied(self) -> bool:
-        return self._source is not None
-
-    @property
     def owners(self) -> list[str | None]:
-        return self._source.owners if self._source is not None else list(self._owners)
+        return list(self._owners)
 
     @property
     def blocks(self) -> list[nn.Parameter]:
-        if self._source is not None:
-            return self._source.blocks
-        return [getattr(self, f"block_{k}") for k in range(len(self._owners))]
+        return [self.weight] + [getattr(self, f"block_{k}") for k in range(1, len(self._owners))]
 
     @property
     def num_rows(self) -> int:
         return sum(b.shape[0] for b in self.blocks)
 
     @property
-    def weight(self) -> Tensor:
-        """All rows [V, D]: the one block itself until the vocabulary grows, then their concatenation."""
+    def full_weight(self) -> Tensor:
+        """All rows [V, D]: `weight` itself until the vocabulary grows, then the blocks' concatenation."""
         blocks = self.blocks
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=0)
 
     def tie_to(self, source: VocabRows) -> None:
-        """Use `source`'s rows from now on (tied embeddings); this module's own rows are dropped."""
-        for k in range(len(self._owners)):
-            delattr(self, f"block_{k}")
-        self._owners = []
-        object.__setattr__(self, "_source", source)  # not a submodule: its parameters are registered once
+        """Hold `source`'s parameters as this module's (tied embeddings, as assigning nn.Linear.weight does):
+        they are registered once, under `source`, and grow with it (`add_block(..., shared=)`)."""
+        self.keep_blocks(1)
+        self.weight = source.weight
+        self.tied = True
 
     def own_blocks(self) -> list[tuple[str, nn.Parameter, str | None]]:
         """(parameter name, block, owner) of the rows this module holds itself (none when tied)."""
-        if self._source is not None:
+        if self.tied:
             return []
-        return [(f"block_{k}", getattr(self, f"block_{k}"), owner) for k, owner in enumerate(self._owners)]
+        names = ["weight"] + [f"block_{k}" for k in range(1, len(self._owners))]
+        return list(zip(names, self.blocks, self._owners))
 
     @torch.no_grad()
-    def add_block(self, rows_ND: Tensor, owner: str | None) -> nn.Parameter:
-        """Append rows (ids num_rows … num_rows + N − 1) owned by `owner`; returns the new parameter."""
-        if self._source is not None:
-            raise ValueError("a tied matrix grows with the one it is tied to")
-        if rows_ND.dim() != 2 or rows_ND.shape[1] != self.dim:
-            raise ValueError(f"new rows must be [N, {self.dim}], got {tuple(rows_ND.shape)}")
-        first = self.block_0
-        block = nn.Parameter(rows_ND.detach().to(device=first.device, dtype=first.dtype).clone())
+    def add_block(self, rows_ND: Tensor | None, owner: str | None, shared: nn.Parameter | None = None) -> nn.Parameter:
+        """Append rows (ids num_rows … num_rows + N − 1) owned by `owner`, or, tied, the embedding's new block
+        `shared`; returns the new parameter."""
+        if shared is not None:
+            block = shared
+        else:
+            if rows_ND.dim() != 2 or rows_ND.shape[1] != self.dim:
+                raise ValueError(f"new rows must be [N, {self.dim}], got {tuple(rows_ND.shape)}")
+            block = nn.Parameter(rows_ND.detach().to(device=self.weight.device, dtype=self.weight.dtype).clone())
         self.register_parameter(f"block_{len(self._owners)}", block)
         self._owners.append(owner)
         return block
 
     def keep_blocks(self, count: int) -> None:
         """Drop every block after the first `count` (structure being re-applied before a load)."""
-        if self._source is not None:
-            return
-        for k in range(count, len(self._owners)):
+        for k in range(max(1, count), len(self._owners)):
             delattr(self, f"block_{k}")
-        self._owners = self._owners[:count]
+        self._owners = self._owners[:max(1, count)]
 
     def owned_token_ids(self) -> dict[str | None, range]:
         """{owner: ids of its rows}; the rows the model was built with are under None."""
@@ -96,9 +92,9 @@ class VocabRows(nn.Module):
             start = stop
         return out
 
-    # -- the state dict: one `weight`, as nn.Embedding / nn.Linear have -------------------------------
+    # -- the state dict: one `weight` [V, D], as nn.Embedding / nn.Linear have ------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        weight = self.weight
+        weight = self.full_weight
         destination[prefix + "weight"] = weight if keep_vars else weight.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -108,7 +104,7 @@ class VocabRows(nn.Module):
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k != key
                                    and "." not in k[len(prefix):])
         if key not in state_dict:
-            if self._source is None:  # tied rows are loaded with the matrix they belong to
+            if not self.tied:  # tied rows are loaded with the embedding they belong to
                 missing_keys.append(key)
             return
         value = state_dict[key]
@@ -116,7 +112,7 @@ class VocabRows(nn.Module):
             error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, the "
                               f"shape in current model is {(self.num_rows, self.dim)}.")
             return
-        if self._source is not None:
+        if self.tied:
             return
         with torch.no_grad():
             for block, rows in zip(self.blocks, value.split([b.shape[0] for b in self.blocks])):
@@ -130,10 +126,10 @@ class TokenEmbedding(VocabRows):
         super().__init__(num_rows, dim)
         # nn.Embedding's own initialisation (the decoder re-initialises every matrix): drawn all the same, so
         # the random stream, and every weight drawn after it, stays what it was with nn.Embedding
-        nn.init.normal_(self.block_0)
+        nn.init.normal_(self.weight)
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        return F.embedding(input_ids, self.weight)
+        return F.embedding(input_ids, self.full_weight)
 
 
 class OutputHead(VocabRows):
@@ -141,10 +137,10 @@ class OutputHead(VocabRows):
 
     def __init__(self, num_rows: int, dim: int):
         super().__init__(num_rows, dim)
-        nn.init.kaiming_uniform_(self.block_0, a=math.sqrt(5))  # nn.Linear's, for the same random stream
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's, for the same random stream
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self.weight)
+        return F.linear(hidden, self.full_weight)
 
 
 # -- growth of a model's vocabulary -------------------------------------------------------------------------
@@ -156,11 +152,13 @@ def add_vocab_rows(model, embedding_rows_ND: Tensor, head_rows_ND: Tensor | None
     Returns the ids of the new tokens.
     """
     first = model.embed_tokens.num_rows
-    if not model.lm_head.tied:
-        if head_rows_ND is None or head_rows_ND.shape != embedding_rows_ND.shape:
-            raise ValueError("an untied output head needs new rows of the embedding's shape")
+    if not model.lm_head.tied and (head_rows_ND is None or head_rows_ND.shape != embedding_rows_ND.shape):
+        raise ValueError("an untied output head needs new rows of the embedding's shape")
+    block = model.embed_tokens.add_block(embedding_rows_ND, owner)
+    if model.lm_head.tied:
+        model.lm_head.add_block(None, owner, shared=block)
+    else:
         model.lm_head.add_block(head_rows_ND, owner)
-    model.embed_tokens.add_block(embedding_rows_ND, owner)
     return range(first, model.embed_tokens.num_rows)
 
 
@@ -172,10 +170,10 @@ def vocab_structure(model) -> list[dict]:
 
 def apply_vocab_structure(model, blocks: list[dict] | None) -> None:
     """Give the model's vocabulary matrices exactly these blocks (weights are loaded after)."""
-    blocks = blocks or [{"rows": model.embed_tokens.blocks[0].shape[0], "domain": None}]
+    blocks = blocks or [{"rows": model.embed_tokens.weight.shape[0], "domain": None}]
     if vocab_structure(model) == blocks:
         return
-    base = model.embed_tokens.blocks[0]
+    base = model.embed_tokens.weight
     if blocks[0]["rows"] != base.shape[0]:
         from modular.errors import CheckpointError
 

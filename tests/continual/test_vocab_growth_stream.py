@@ -186,22 +186,22 @@ def small_model(setting):
 
 def test_new_rows_start_as_the_mean_of_the_old_rows_of_their_pieces(small_model, tmp_path):
     model, tokenizer = small_model
-    old_embedding = model.embed_tokens.weight.detach().clone()
-    old_head = model.lm_head.weight.detach().clone()
+    old_embedding = model.embed_tokens.full_weight.detach().clone()
+    old_head = model.lm_head.full_weight.detach().clone()
     growth = lifecycle.grow_vocabulary(model, tokenizer, russian_texts(80, seed=0), domain="ru",
                                        out_dir=tmp_path / "tok", max_new_tokens=50, earlier_texts=["English only."],
                                        earlier_val_texts={"en": ["Some English text."]})
     assert growth.grew and growth.new_tokens == 50 and growth.token_ids == range(tokenizer.vocab_size, model.vocab_size)
     assert growth.changed_share == {"en": 0.0} and growth.tokens_per_byte_after < growth.tokens_per_byte_before
-    assert torch.equal(model.embed_tokens.weight[:tokenizer.vocab_size], old_embedding)  # existing rows unchanged
+    assert torch.equal(model.embed_tokens.full_weight[:tokenizer.vocab_size], old_embedding)  # existing rows unchanged
     assert model.embed_tokens.owned_token_ids()["ru"] == growth.token_ids
     grown = growth.tokenizer
     for new_id in growth.token_ids:
         token = grown.backend.id_to_token(new_id)
         pieces = [t.id for t in tokenizer.backend.model.tokenize(token)]  # its text under the old tokenizer
         assert len(pieces) >= 2
-        torch.testing.assert_close(model.embed_tokens.weight[new_id], old_embedding[pieces].mean(0))
-        torch.testing.assert_close(model.lm_head.weight[new_id], old_head[pieces].mean(0))
+        torch.testing.assert_close(model.embed_tokens.full_weight[new_id], old_embedding[pieces].mean(0))
+        torch.testing.assert_close(model.lm_head.full_weight[new_id], old_head[pieces].mean(0))
     text = "Система работает"
     assert tokenizer.decode(tokenizer.encode(text)) == grown.decode(grown.encode(text)) == text
 
@@ -217,7 +217,7 @@ def test_the_api_reuses_a_saved_growth_and_leaves_a_well_split_domain_alone(smal
     again = lifecycle.grow_vocabulary(twin, tokenizer, russian_texts(40, seed=0),
                                       **{**kwargs, "earlier_texts": lambda: pytest.fail("read again")})
     assert again.tokenizer.fingerprint() == first.tokenizer.fingerprint()
-    torch.testing.assert_close(twin.embed_tokens.weight, model.embed_tokens.weight, rtol=0, atol=0)
+    torch.testing.assert_close(twin.embed_tokens.full_weight, model.embed_tokens.full_weight, rtol=0, atol=0)
     fresh = build_model(tiny_cfg(f"model.vocab_size={tokenizer.vocab_size}", "experts.num_experts=4",
                                  "experts.ffn_dim=32"))
     english = ["The system works without a network, and the user sets up every package."] * 5
