@@ -2,7 +2,7 @@
 
 Stage 0 trains the model on the first domain of the stream; every later stage brings one new domain
 and applies the policy: grow experts, freeze what must not be forgotten, replay, re-warm the learning
-rate, review the router, distil from the previous model, merge back to a budget.
+rate, review the router, distil from the previous model, merge back to a budget, grow the vocabulary.
 """
 
 # OmegaConf 2.3 reads typing.Optional / typing.List in structured configs but not `X | None` or `list[...]`.
@@ -33,6 +33,20 @@ class InferenceConfig:
     batch_size: int = 64  # classifier: windows per step
     lr: float = 0.05
 MERGE_METHODS = ("frequency", "cluster", "task_arithmetic", "ties")
+
+
+@dataclass
+class GrowVocabConfig:
+    """Vocabulary growth before a stage whose domain the tokenizer splits badly (byte-level BPE tokenizers)."""
+
+    max_new_tokens: int = 0  # tokens a stage may add (0: never grow)
+    domains: Optional[List[str]] = None  # stream domains that may grow (null: every stage after the first)
+    # grow only when the current tokenizer needs more than this many tokens per byte of the new domain's text
+    tokens_per_byte_threshold: float = 0.4
+    # merges hold a character that makes up less than this share of the earlier domains' training text
+    new_char_share: float = 1e-5
+    sample_bytes: int = 4_000_000  # the new domain's training text the merges are learnt on (its first bytes)
+    min_frequency: int = 2  # a merge must occur at least this often in that sample
 
 
 @dataclass
@@ -82,6 +96,8 @@ class ContinualConfig:
     adapter_rank: int = 8
     adapter_alpha: Optional[float] = None  # the deltas are scaled by alpha / rank; null = rank (scale 1)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    # vocabulary growth: new tokens, embedding and output-head rows for a domain the tokenizer splits badly
+    grow_vocab: GrowVocabConfig = field(default_factory=GrowVocabConfig)
     # evaluation
     eval_batches: int = 8  # validation batches per domain after every stage
     usage_batches: int = 4  # batches of the new domain in the routing pass that picks experts to copy

@@ -1,6 +1,6 @@
 """The expert lifecycle: add a bank of new experts, freeze parts of the model, merge or remove experts.
 
-Every operation works on the banks of each MoE layer (modular.models.MoELayer) and records where each
+Every expert operation works on the banks of each MoE layer (modular.models.MoELayer) and records where each
 surviving expert came from (`ExpertOrigin`), so the optimizer can carry the moments of survivors and
 give new experts fresh state (see `carry_optimizer_state`), and task-arithmetic merges know an
 expert's parent. Legend: E experts, D d_model, G a group of experts merged into one.
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from modular.continual import merge as merge_math
+from modular.continual.vocabulary import VocabGrowth, grow_vocabulary  # noqa: F401  (the vocabulary's lifecycle)
 from modular.errors import ConfigError
 from modular.experts import ExpertBank
 from modular.models.decoder import ModularLM
@@ -230,9 +231,11 @@ def freeze(model: ModularLM, targets: list[str], old_banks: dict[int, int] | Non
            current_domain: str | None = None) -> list[str]:
     """Freeze parts of the model (requires_grad=False): no gradient, no step, no decay, no moments.
 
-    targets ⊆ old_experts, old_router, attention, embeddings, norms, dense_ffn, shared_experts, old_adapters
-    (every domain delta but `current_domain`'s). `old_banks` gives, per MoE layer index, how many leading
-    banks are "old" (default: all but the last). Returns the names of the parameters frozen.
+    targets ⊆ old_experts, old_router, attention, embeddings, norms, dense_ffn, shared_experts, old_adapters.
+    `old_banks` gives, per MoE layer index, how many leading banks are "old" (default: all but the last).
+    `current_domain` is the stage's domain: `old_adapters` freezes every domain delta but its own, and
+    `embeddings` freezes the embedding and output-head rows except the vocabulary rows it added (a grown
+    tokenizer's new tokens train in their domain's stage). Returns the names of the parameters frozen.
     """
     from modular.continual.config import FREEZABLE
 
@@ -278,9 +281,11 @@ def freeze(model: ModularLM, targets: list[str], old_banks: dict[int, int] | Non
                     if domain != current_domain:
                         off(f"{prefix}.{place}.deltas.{domain}", delta)
     if "embeddings" in targets:
-        off("embed_tokens", model.embed_tokens)
-        if model.lm_head.weight is not model.embed_tokens.weight:  # tied: already frozen with the embedding
-            off("lm_head", model.lm_head)
+        for prefix, matrix in (("embed_tokens", model.embed_tokens), ("lm_head", model.lm_head)):
+            for name, block, owner in matrix.own_blocks():  # a tied head has none: frozen with the embedding
+                if owner is None or owner != current_domain:
+                    block.requires_grad_(False)
+                    frozen.append(f"{prefix}.{name}")
     if "norms" in targets:
         off("norm", model.norm)
     return frozen

@@ -1,10 +1,10 @@
-"""The policy pieces a continual strategy is composed of: growth, freezing, replay, distillation, router
-review and merging, each configured by its `continual.*` keys.
+"""The policy pieces a continual strategy is composed of: growth, freezing, replay, vocabulary growth,
+distillation, router review and merging, each configured by its `continual.*` keys.
 
 A piece implements the stage hooks it needs (all optional, called in the order the strategy lists its
 pieces); the stage loop (stream.py) calls the strategy, the strategy calls its pieces:
 
-    before_stage(run, model, s)          e.g. the distillation teacher: the model as it was
+    before_stage(run, model, s)          e.g. a grown vocabulary; the distillation teacher: the model as it was
     grow(run, model, s) -> old banks     a bank per MoE layer for the new domain
     freeze(run, model, s, old_banks)     what stays bitwise unchanged (also applied on resume)
     attach(run, model, s, trainer)       loss hooks, regularisers, loaders
@@ -34,6 +34,10 @@ class Policy:
     @classmethod
     def validate(cls, cfg, world_size: int) -> None:
         """Checks of this piece's keys (`world_size`: processes torchrun started, 1 without it)."""
+
+    @classmethod
+    def check_run(cls, cfg, tokenizer, run_dir) -> None:
+        """Checks that need the loaded tokenizer or the run folder (before the run writes anything)."""
 
     def before_stage(self, run, model, s: int) -> None:
         pass
@@ -139,11 +143,123 @@ class Growth(Policy):
 
 class Freezing(Policy):
     """After growth, continual.freeze keeps what must not be forgotten bitwise unchanged (the old banks,
-    their router rows, optionally the shared trunk)."""
+    their router rows, optionally the shared trunk: the vocabulary rows the stage's domain added still train)."""
 
     def freeze(self, run, model, s: int, old_banks: dict[int, int] | None) -> None:
         if s > 0 and old_banks:
-            lifecycle.freeze(model, list(self.c.freeze), old_banks)
+            lifecycle.freeze(model, list(self.c.freeze), old_banks, current_domain=list(self.c.stream)[s])
+
+
+# -- vocabulary growth ---------------------------------------------------------------------------
+
+
+class VocabularyGrowth(Policy):
+    """continual.grow_vocab.max_new_tokens > 0: before a stage whose domain the tokenizer splits badly (more
+    tokens per byte than grow_vocab.tokens_per_byte_threshold), learn merges on its training text, append up to
+    that many tokens and grow the embedding and output head (lifecycle.grow_vocabulary). The grown tokenizer,
+    saved in the stage folder, is the run's from then on: training, evaluation, checkpoints. Runs before the
+    other pieces' hooks, so that a distillation teacher copied before the stage reads the grown vocabulary."""
+
+    @classmethod
+    def validate(cls, cfg, world_size: int) -> None:
+        from modular.continual.strategies.base import strategy_class
+
+        c, g = cfg.continual, cfg.continual.grow_vocab
+        if not isinstance(g.max_new_tokens, int) or g.max_new_tokens < 0:
+            raise ConfigError(f"continual.grow_vocab.max_new_tokens={g.max_new_tokens} is not allowed; use an integer "
+                              ">= 0 (0: never grow).")
+        if g.max_new_tokens == 0:
+            return
+        if cfg.data.tokenizer.kind == "byte":
+            raise ConfigError(f"continual.grow_vocab.max_new_tokens={g.max_new_tokens} needs a BPE tokenizer, but "
+                              "data.tokenizer.kind=byte has a fixed vocabulary of 256 bytes (nothing to grow); train "
+                              "one with `modular tokenizer train` and set data.tokenizer.kind=hf, or set "
+                              "continual.grow_vocab.max_new_tokens=0.")
+        stream = list(c.stream)
+        for d in g.domains or []:
+            if d not in stream:
+                raise ConfigError(f"continual.grow_vocab.domains names '{d}', which is not in continual.stream "
+                                  f"({', '.join(stream)}).")
+            if d == stream[0]:
+                raise ConfigError(f"continual.grow_vocab.domains names '{d}', the first domain of the stream; growth "
+                                  "keeps earlier domains' text tokenized as before, so it needs a later stage.")
+        for key, value, ok, allowed in (
+                ("tokens_per_byte_threshold", g.tokens_per_byte_threshold, 0 <= g.tokens_per_byte_threshold < 1,
+                 "a number in [0, 1) (0: always grow)"),
+                ("new_char_share", g.new_char_share, 0 <= g.new_char_share < 1, "a number in [0, 1)"),
+                ("sample_bytes", g.sample_bytes, isinstance(g.sample_bytes, int) and g.sample_bytes >= 1,
+                 "an integer >= 1"),
+                ("min_frequency", g.min_frequency, isinstance(g.min_frequency, int) and g.min_frequency >= 1,
+                 "an integer >= 1")):
+            if not ok:
+                raise ConfigError(f"continual.grow_vocab.{key}={value} is not allowed; use {allowed}.")
+        limit, size = cfg.model.max_vocab_size, cfg.model.vocab_size
+        stages = len(cls.growing_domains(c))
+        if limit is not None and size + stages * g.max_new_tokens > limit:
+            raise ConfigError(f"continual.grow_vocab.max_new_tokens={g.max_new_tokens} over {stages} stage(s) could "
+                              f"grow the vocabulary from {size} to {size + stages * g.max_new_tokens} tokens, beyond "
+                              f"model.max_vocab_size={limit}; lower max_new_tokens or raise model.max_vocab_size.")
+        if not strategy_class(c.strategy).follows_vocabulary_growth:
+            raise ConfigError(f"continual.strategy={c.strategy} cannot follow a growing vocabulary (it keeps a model "
+                              "of the old vocabulary); set continual.grow_vocab.max_new_tokens=0 or use another strategy.")
+
+    @classmethod
+    def check_run(cls, cfg, tokenizer, run_dir) -> None:
+        from modular.continual.stream import stage_folder
+        from modular.data.vocab_growth import check_writable, rust_tokenizer_of
+
+        stream = list(cfg.continual.stream)
+        growing = cls.growing_domains(cfg.continual)
+        if not growing:
+            return
+        rust_tokenizer_of(tokenizer)
+        if tokenizer.vocab_size != cfg.model.vocab_size:
+            raise ConfigError(f"continual.grow_vocab appends ids after the tokenizer's {tokenizer.vocab_size} tokens, "
+                              f"but model.vocab_size={cfg.model.vocab_size}; set model.vocab_size="
+                              f"{tokenizer.vocab_size}.")
+        for d in growing:
+            check_writable(stage_folder(run_dir, stream, stream.index(d)) / "tokenizer")
+
+    @staticmethod
+    def growing_domains(c) -> list[str]:
+        """The stream domains that may grow the vocabulary (every one after the first unless named)."""
+        if c.grow_vocab.max_new_tokens <= 0:
+            return []
+        return list(c.grow_vocab.domains) if c.grow_vocab.domains is not None else list(c.stream)[1:]
+
+    def before_stage(self, run, model, s: int) -> None:
+        domain = list(self.c.stream)[s]
+        if domain not in self.growing_domains(self.c):
+            if s > 0 and self.c.grow_vocab.max_new_tokens > 0:
+                run.stage_notes["vocab"] = {"domain": domain, "grew": False,
+                                            "reason": f"{domain} is not in continual.grow_vocab.domains."}
+            return
+        growth = run.main_first(lambda: self._grow(run, model, s))
+        if growth.grew:
+            run.use_tokenizer(growth.tokenizer, growth.tokenizer_path)
+        run.stage_notes["vocab"] = growth.record()
+        run.print_(f"vocabulary: {growth.reason}")
+
+    def _grow(self, run, model, s: int):
+        from modular.data.corpus import iter_documents
+
+        g, data, stream = self.c.grow_vocab, self.cfg.data, list(self.c.stream)
+        sample, size = [], 0
+        for doc in iter_documents(data, stream[s], "train"):
+            if size >= g.sample_bytes:
+                break
+            sample.append(doc.text)
+            size += len(doc.text.encode("utf-8"))
+
+        def earlier_train():
+            return (doc.text for d in stream[:s] for doc in iter_documents(data, d, "train"))
+
+        earlier_val = {d: [doc.text for doc in iter_documents(data, d, "val")] for d in stream[:s]}
+        return lifecycle.grow_vocabulary(
+            model, run.tokenizer, sample, domain=stream[s], out_dir=run.stage_dir(s) / "tokenizer",
+            max_new_tokens=g.max_new_tokens, earlier_texts=earlier_train, earlier_val_texts=earlier_val,
+            tokens_per_byte_threshold=g.tokens_per_byte_threshold, new_char_share=g.new_char_share,
+            max_vocab_size=self.cfg.model.max_vocab_size, min_frequency=g.min_frequency)
 
 
 # -- distillation ---------------------------------------------------------------------------------

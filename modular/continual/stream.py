@@ -83,6 +83,11 @@ def stage_config(cfg, steps: int, lr: float | None = None):
     return stage
 
 
+def stage_folder(run_dir: Path, stream, s: int) -> Path:
+    """Where stage s keeps its checkpoints, metrics and what it grew (e.g. a tokenizer)."""
+    return Path(run_dir) / "stages" / f"{s:02d}-{list(stream)[s]}"
+
+
 SCHEDULE_KEYS = ("max_steps", "schedule", "warmup_steps", "decay_fraction", "lr", "eval_every", "checkpoint_every")
 
 
@@ -118,6 +123,8 @@ class ContinualRun:
         self.parallel = parallel
         self.main = parallel is None or parallel.is_main  # one process writes the run folder and prints
         self.strategy = strategy_class(self.c.strategy)(cfg)
+        self.grown_tokenizer_path: str | None = None  # the folder of the grown tokenizer in use, if it grew
+        self.stage_notes: dict = {}  # what pieces report about the current stage (e.g. "vocab"), kept in its record
         self.state_path = self.run_dir / "continual_state.json"
         state = {"stages": [], "initial": None, "global_step": 0}
         if self.main and self.state_path.exists():
@@ -126,7 +133,7 @@ class ContinualRun:
 
     # -- services for strategies ------------------------------------------------------------
     def stage_dir(self, s: int) -> Path:
-        return self.run_dir / "stages" / f"{s:02d}-{self.c.stream[s]}"
+        return stage_folder(self.run_dir, self.c.stream, s)
 
     def stage_schedule(self, steps: int, lr: float | None = None):
         return stage_config(self.cfg, steps, lr)
@@ -147,6 +154,26 @@ class ContinualRun:
         return MixtureLoader.from_config(self.cfg.data, batch_size, seq_len or t.seq_len, weights=weights,
                                          seed=self.cfg.seed + seed_offset, progress=t.progress, tokenizer=self.tokenizer,
                                          **shard)
+
+    def main_first(self, fn):
+        """fn() on rank 0, then on the other ranks (rank 0 writes what the others read); fn() in one process."""
+        return fn() if self.parallel is None else self.parallel.main_first(fn)
+
+    def use_tokenizer(self, tokenizer, grown_path) -> None:
+        """Tokenize with `tokenizer` from now on (a grown vocabulary): training batches, validation sets, and
+        the checkpoints' record of it (`grown_path`: its folder in the run folder)."""
+        from modular.data.loader import validation_sets
+
+        t, p = self.cfg.train, self.parallel
+        batch = t.batch_size * (p.world_size if p is not None else 1)
+        self.tokenizer = tokenizer
+        self.grown_tokenizer_path = str(grown_path)
+        self.val_sets = self.main_first(lambda: validation_sets(
+            self.cfg.data, batch, t.seq_len, max_batches=t.eval_batches, domains=list(self.c.stream),
+            progress=t.progress, tokenizer=tokenizer))
+
+    def print_(self, text: str) -> None:
+        self._print(text)
 
     def full_experts(self, model):
         """Every expert whole on every rank for the block (one-process lifecycle code), split again after."""
@@ -304,7 +331,9 @@ class ContinualRun:
         done = len(self.state["stages"])
         optimizer = None
         if self.state["initial"] is None:
-            self.state["initial"] = {d: r["ppl"] for d, r in self._evaluate(model).items()}
+            initial = self._evaluate(model)
+            self.state["initial"] = {d: r["ppl"] for d, r in initial.items()}
+            self.state["initial_bpb"] = {d: r["bpb"] for d, r in initial.items()}
             self._save_state()
         if done:
             optimizer = self._resume(model, done)
@@ -315,6 +344,7 @@ class ContinualRun:
             domain = stream[s]
             steps = stage_steps(self.c, s)
             t0 = time.perf_counter()
+            self.stage_notes = {}
             strategy.before_stage(self, model, s)
             params_before = summarize(model, self.cfg.train.seq_len)
             old_banks = strategy.grow(self, model, s)
@@ -358,9 +388,11 @@ class ContinualRun:
                 "params_active_before": params_before["active_params"],
                 "experts_per_layer": {str(i): layer.mlp.num_experts for i, layer in enumerate(model.layers)
                                       if layer.is_moe},
+                "vocab_size": model.vocab_size,
                 "eval": {d: {"loss": r["loss"], "ppl": r["ppl"], "bpb": r["bpb"]} for d, r in results.items()},
                 "routing": self._routing_by_domain(model, self.inferred_route(model, hard=True) if by_domain else None),
                 "old_banks": {str(k): v for k, v in (old_banks or {}).items()} or None,
+                **self.stage_notes,
             }
             if by_domain:
                 oracle = self._evaluate(model, self.oracle_route(model))
@@ -377,6 +409,7 @@ class ContinualRun:
 
     def _resume(self, model, done: int):
         """Load the checkpoint written after stage `done - 1` (at any world size); returns its optimizer."""
+        from modular.continual.vocabulary import load_run_tokenizer
         from modular.run.setup import resolve_device
         from modular.train.optimizer import build_optimizer
 
@@ -384,6 +417,9 @@ class ContinualRun:
         if last is None:
             raise RunFolderError(f"{self.state_path} records {done} finished stages, but {self.run_dir} has no "
                                  "checkpoint of them; the run folder is damaged.")
+        grown = ckpt.read_trainer_state(last).get("tokenizer")
+        if grown:  # the vocabulary grew in an earlier stage: the run goes on with that tokenizer
+            self.use_tokenizer(load_run_tokenizer(self.run_dir, grown), self.run_dir / grown["path"])
         checkpointer = checkpointer_for(self.parallel)  # each rank slices the full checkpoint to its experts
         trainer_state = checkpointer.restore(model, last, resolve_device(self.cfg.train.device))
         old_banks = {int(k): v for k, v in (self.state["stages"][-1].get("old_banks") or {}).items()}
@@ -394,9 +430,13 @@ class ContinualRun:
         return optimizer
 
     def _save_checkpoint(self, model, optimizer, s: int, domain: str, tokens: int) -> None:
+        from modular.continual.vocabulary import tokenizer_record
         from modular.models.structure import model_structure
 
         state = {"structure": model_structure(model), "stage": s, "domain": domain, "tokens": tokens}
+        grown = tokenizer_record(self.run_dir, self.tokenizer, self.grown_tokenizer_path)
+        if grown:  # eval, export and resume read the run's text with it
+            state["tokenizer"] = grown
         keep = max(1, self.cfg.train.keep_checkpoints)
         # under torchrun gathered on save: rank 0 writes the one-process checkpoint, which loads at any world size
         checkpointer_for(self.parallel).save(self.run_dir, self.state["global_step"], model, optimizer, state,
@@ -436,6 +476,7 @@ def _continual(cfg, all_overrides: list[str], folder: Path, parallel) -> int:
         stream = list(cfg.continual.stream)
         tokenizer, _, val_sets = prepare_data(cfg, domains=stream, parallel=parallel)
         val_sets = {d: val_sets[d] for d in stream}
+        strategy_class(cfg.continual.strategy).check_run(cfg, tokenizer, folder)
         on_main(parallel, lambda: _check_resume(cfg, folder))
         establish()  # everything was checked: the folder may now be created and the run's overrides saved
         record = {**to_dict(cfg), "stage_schedules": stage_schedules(cfg)}  # what each stage's trainer runs with

@@ -27,6 +27,20 @@ _EOS_NAMES = ("<eos>", "</s>", "<|end_of_text|>", "<|endoftext|>")
 _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable-character table (the one tokenizers' ByteLevel uses)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
 class Tokenizer(ABC):
     """Text <-> token ids. Documents are packed as [bos_id] + encode(text) + [eos_id] (no BOS when None)."""
 
@@ -104,6 +118,11 @@ class HFTokenizer(Tokenizer):
         pad_id = self._find_id(names.get("pad_token"), _PAD_NAMES)
         self.pad_id = eos_id if pad_id is None else pad_id
         self._fingerprint: str | None = None
+
+    @property
+    def backend(self):
+        """The `tokenizers.Tokenizer` itself (vocabulary growth and export read its model and merges)."""
+        return self._tok
 
     def _find_id(self, configured: str | None, candidates: Sequence[str]) -> int | None:
         for name in ([configured] if configured else []) + list(candidates):

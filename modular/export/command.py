@@ -109,6 +109,11 @@ def export_command(overrides: list[str]) -> int:
     if e.report:
         sets = validation_sets(cfg.data, t.batch_size, t.seq_len, max_batches=t.eval_batches, progress=t.progress,
                                tokenizer=tokenizer)
+        if seed_model is not None and seed_model.vocab_size != model.vocab_size:
+            # a grown vocabulary: the seed cannot read the new token ids, and its loss per token would not compare
+            print(f"the seed model has {seed_model.vocab_size} tokens, the run grew its vocabulary to "
+                  f"{model.vocab_size}: the report leaves the seed out")
+            seed_model = None
         report = run_report(model, e, out, {d: list(v) for d, v in sets.items()}, seed_model)
         print(format_report(report))
     return 0

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from modular.data.tokenizer import bytes_to_unicode
 from modular.errors import ConfigError, DataError
 from modular.export.writer import write_json, write_text
 
@@ -24,7 +25,7 @@ def byte_level_tokenizer():
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    byte_to_char = _bytes_to_unicode()
+    byte_to_char = bytes_to_unicode()
     vocab = {byte_to_char[b]: b for b in range(256)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -32,20 +33,6 @@ def byte_level_tokenizer():
     tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in BYTE_SPECIALS])
     tok.post_processor = _bos_template("<bos>", BYTE_SPECIALS["<bos>"])
     return tok
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte → printable-character table (the one tokenizers' ByteLevel uses)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
 
 
 def _bos_template(bos: str, bos_id: int):

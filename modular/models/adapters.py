@@ -145,10 +145,14 @@ def make_delta(model, layer, place: str, rank: int, alpha: float, generator=None
         return ScaleDelta(model.d_model)
     if place == "embed_tokens":
         return EmbeddingDelta(model.vocab_size, model.d_model, rank, alpha, generator)
-    linear = model.lm_head if place == "lm_head" else getattr(layer.self_attn, place, None) or getattr(layer.mlp, place)
-    if rank > min(linear.in_features, linear.out_features):
-        raise ValueError(f"rank {rank} is larger than {place} ({linear.out_features}×{linear.in_features}).")
-    return LowRankDelta(linear.in_features, linear.out_features, rank, alpha, generator)
+    if place == "lm_head":
+        in_features, out_features = model.d_model, model.vocab_size
+    else:
+        linear = getattr(layer.self_attn, place, None) or getattr(layer.mlp, place)
+        in_features, out_features = linear.in_features, linear.out_features
+    if rank > min(in_features, out_features):
+        raise ValueError(f"rank {rank} is larger than {place} ({out_features}×{in_features}).")
+    return LowRankDelta(in_features, out_features, rank, alpha, generator)
 
 
 def adapter_structure(model) -> list[dict]:

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from modular.errors import ConfigError, require, require_positive_int
 
@@ -18,6 +18,7 @@ class ModelConfig:
 
     name: str = "small"
     vocab_size: int = 259  # the byte tokenizer: 256 bytes + pad, bos, eos
+    max_vocab_size: Optional[int] = None  # the most tokens vocabulary growth may take it to (null: no limit)
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -77,6 +78,11 @@ def validate_model(cfg) -> None:
     m = cfg.model
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
         require_positive_int(m[key], f"model.{key}")
+    require(
+        m.max_vocab_size is None or (isinstance(m.max_vocab_size, int) and m.max_vocab_size >= m.vocab_size),
+        f"model.max_vocab_size={m.max_vocab_size} is not allowed; it must be null or an integer >= "
+        f"model.vocab_size={m.vocab_size}.",
+    )
     require(
         m.d_model % m.n_heads == 0,
         f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "

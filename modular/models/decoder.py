@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from modular.models.adapters import adapted, place
 from modular.models.attention import Attention
 from modular.models.config import experts_per_moe_layer, moe_layer_indices
+from modular.models.embedding import OutputHead, TokenEmbedding, VocabRows
 from modular.models.ffn import SwiGLUFFN
 from modular.models.moe import MoELayer
 from modular.models.norm import RMSNorm
@@ -62,10 +63,10 @@ class ModularLM(nn.Module):
         super().__init__()
         m = cfg.model
         self.model_cfg = m
-        self.vocab_size = m.vocab_size
         self.d_model = m.d_model
         self.max_seq_len = m.max_seq_len
-        self.embed_tokens = nn.Embedding(m.vocab_size, m.d_model)
+        # row blocks, so that a grown vocabulary's new rows train while the old ones stay frozen (embedding.py)
+        self.embed_tokens = TokenEmbedding(m.vocab_size, m.d_model)
         moe_indices = moe_layer_indices(m)
         experts = dict(zip(moe_indices, experts_per_moe_layer(cfg)))
         layers = []
@@ -77,7 +78,7 @@ class ModularLM(nn.Module):
             layers.append(DecoderLayer(m.d_model, m.n_heads, m.n_kv_heads, m.norm_eps, mlp))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(m.d_model, m.norm_eps)
-        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        self.lm_head = OutputHead(m.vocab_size, m.d_model)
         self.rotary = RotaryEmbedding(m.d_model // m.n_heads, m.rope_theta)
         # The domains the model routes by, in the order they arrived (RoutingContext.domain_ids index it),
         # and the model-level domain deltas (embed_tokens, norm, lm_head); see models/adapters.py.
@@ -86,12 +87,18 @@ class ModularLM(nn.Module):
         self.domain_classifier = None  # models/domain_classifier.py, once domains are inferred from text
         self._init_weights(m.init_std)
         if m.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+            self.lm_head.tie_to(self.embed_tokens)
+            self.register_state_dict_post_hook(_share_tied_weight)
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens the model holds rows for: model.vocab_size, plus what vocabulary growth added."""
+        return self.embed_tokens.num_rows
 
     def _init_weights(self, std: float) -> None:
         # Hugging Face Llama's init: N(0, std) for every linear and embedding; norms start at 1.
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding, VocabRows)):  # VocabRows: its first block, `weight`
                 nn.init.normal_(module.weight, mean=0.0, std=std)
 
     @property
@@ -134,3 +141,9 @@ class ModularLM(nn.Module):
     def moe_stats(self) -> dict[int, dict]:
         """Routing statistics of the last forward, keyed by layer index."""
         return {i: layer.mlp.last_stats for i, layer in enumerate(self.layers) if layer.is_moe}
+
+
+def _share_tied_weight(model, state_dict, prefix, local_metadata) -> None:
+    # A grown vocabulary's `weight` is a concatenation made per call: give the tied head the embedding's
+    # tensor, so that the state dict holds it once (as before growth, when both name the same parameter).
+    state_dict[prefix + "lm_head.weight"] = state_dict[prefix + "embed_tokens.weight"]

@@ -1,7 +1,8 @@
-"""A model's expert structure (banks per MoE layer), saved with checkpoints and re-applied on load.
+"""A model's structure (banks per MoE layer, vocabulary blocks), saved with checkpoints and re-applied on load.
 
-The config describes the model as composed; continual runs grow, merge and shrink banks, so a
-checkpoint records the banks it holds and loading rebuilds exactly those before reading weights.
+The config describes the model as composed; continual runs grow, merge and shrink banks and grow the
+vocabulary, so a checkpoint records the banks and row blocks it holds and loading rebuilds exactly those
+before reading weights.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from modular.errors import CheckpointError
 from modular.experts import EXPERT_REGISTRY
 from modular.models.decoder import ModularLM
+from modular.models.embedding import apply_vocab_structure, vocab_structure
 
 
 def model_structure(model: ModularLM) -> dict:
@@ -20,6 +22,9 @@ def model_structure(model: ModularLM) -> dict:
     moe = [(i, layer.mlp) for i, layer in enumerate(model.layers) if layer.is_moe]
     structure = {str(i): [{"type": b.registry_name, "experts": b.num_experts} for b in layer.banks] for i, layer in moe}
     structure["parents"] = {str(i): layer.expert_parents for i, layer in moe}
+    vocab = vocab_structure(model)
+    if len(vocab) > 1:
+        structure["vocab"] = vocab
     if model.domains:
         structure["domains"] = {
             "names": list(model.domains),
@@ -34,11 +39,13 @@ def model_structure(model: ModularLM) -> dict:
 
 
 def apply_structure(model: ModularLM, structure: dict) -> None:
-    """Replace each MoE layer's banks with fresh ones of the recorded types and sizes (weights loaded after)."""
+    """Replace each MoE layer's banks with fresh ones of the recorded types and sizes, and the vocabulary's row
+    blocks with the recorded ones (weights loaded after)."""
     moe = {str(i): layer.mlp for i, layer in enumerate(model.layers) if layer.is_moe}
     structure = dict(structure)
     parents = structure.pop("parents", {})
     domains = structure.pop("domains", None)
+    apply_vocab_structure(model, structure.pop("vocab", None))
     if set(structure) != set(moe):
         raise CheckpointError(
             f"The checkpoint has MoE layers {sorted(structure, key=int)} but the model has {sorted(moe, key=int)}; "

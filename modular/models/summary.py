@@ -43,8 +43,8 @@ def moe_layer_params(moe: MoELayer) -> tuple[int, float]:
 def summarize(model: ModularLM, seq_len: int | None = None) -> dict:
     seq_len = seq_len or model.max_seq_len
     total = parameter_count(model)
-    embedding = model.embed_tokens.weight.numel()
-    tied = model.lm_head.weight is model.embed_tokens.weight
+    embedding = model.embed_tokens.num_rows * model.embed_tokens.dim
+    tied = model.lm_head.tied
     layers = []
     active = total
     for i, layer in enumerate(model.layers):

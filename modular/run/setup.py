@@ -186,5 +186,20 @@ def load_run_model(overrides: list[str], command: str):
     if checkpoint is None:
         raise RunFolderError(f"run.dir={folder} has no checkpoint yet; train first (modular train run.dir={folder}).")
     model = build_model(cfg)
-    Checkpointer().restore(model, checkpoint)
+    trainer_state = Checkpointer().restore(model, checkpoint)
+    use_run_tokenizer(cfg, folder, trainer_state, model)
     return model.eval(), cfg, folder, checkpoint
+
+
+def use_run_tokenizer(cfg, folder: Path, trainer_state: dict, model) -> None:
+    """After a continual run grew the vocabulary, its checkpoints record the grown tokenizer: point cfg at it
+    (data.tokenizer, model.vocab_size), so evaluation and export read text exactly as the model was trained."""
+    from modular.continual.vocabulary import load_run_tokenizer
+
+    grown = trainer_state.get("tokenizer")
+    if not grown:
+        return
+    tokenizer = load_run_tokenizer(folder, grown)
+    cfg.data.tokenizer.kind = "hf"
+    cfg.data.tokenizer.path = str(tokenizer.path)
+    cfg.model.vocab_size = model.vocab_size

@@ -73,6 +73,20 @@ def _train(cfg, all_overrides: list[str], folder: Path, parallel) -> int:
         return 0
 
 
+def use_run_tokenizer(cfg, folder: Path, trainer_state: dict, model) -> None:
+    """After a continual run grew the vocabulary, its checkpoints record the grown tokenizer: point cfg at it
+    (data.tokenizer, model.vocab_size), so evaluation and export read text exactly as the model was trained."""
+    from modular.continual.vocabulary import load_run_tokenizer
+
+    grown = trainer_state.get("tokenizer")
+    if not grown:
+        return
+    tokenizer = load_run_tokenizer(folder, grown)
+    cfg.data.tokenizer.kind = "hf"
+    cfg.data.tokenizer.path = str(tokenizer.path)
+    cfg.model.vocab_size = model.vocab_size
+
+
 def eval_command(overrides: list[str]) -> int:
     from modular.data.loader import validation_sets
     from modular.run.setup import autocast_for, resolve_device

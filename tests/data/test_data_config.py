@@ -105,7 +105,7 @@ def test_corpora_preset_root_defaults_to_shared_and_follows_modular_corpora(monk
     monkeypatch.delenv("MODULAR_CORPORA", raising=False)
     raw = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(PRESETS / "corpora.yaml"))
     cfg = as_data_config(raw)
-    assert sorted(cfg.domains) == ["code_py", "de", "en", "es", "fr"]
+    assert sorted(cfg.domains) == ["code_py", "de", "en", "es", "fr", "ru"]  # ru: the lead asked for it (#16)
     assert cfg.domains["de"].val == "../shared/corpora/de/val.jsonl"
     monkeypatch.setenv("MODULAR_CORPORA", "/data/corpora")
     assert as_data_config(raw).domains["code_py"].train == "/data/corpora/code_py/train.jsonl"

@@ -191,3 +191,31 @@ def test_isolate_at_ep2_equals_one_process(tmp_path):
     for name in trained:  # everything else stage 0 had is frozen in stage 1 (the anchor and the trunk)
         old = after[name][: before[name].shape[0]] if ".router." in name else after[name]  # entries appended
         assert torch.equal(old, before[name]), name
+
+
+def test_vocabulary_growth_at_ep2_equals_one_process(tmp_path, monkeypatch):
+    """Rank 0 learns the merges and writes the tokenizer, every rank grows the same rows; frozen old rows stay
+    bitwise, the new ones train, and the stream equals one process on the same global batch."""
+    from helpers import corpora_with_russian, english_bpe
+    from modular.data.tokenizer import HFTokenizer
+
+    monkeypatch.setenv("MODULAR_CORPORA", str(corpora_with_russian(tmp_path / "corpora")))
+    bpe = english_bpe(tmp_path / "bpe")
+    size = HFTokenizer(bpe).vocab_size
+    grow = [*COMMON, "continual=add_freeze", "continual.stream=[en,ru]", "data=corpora", "data.tokenizer.kind=hf",
+            f"data.tokenizer.path={bpe}", f"model.vocab_size={size}", "continual.grow_vocab.max_new_tokens=64",
+            "continual.freeze=[old_experts,old_router,embeddings]"]
+    single = tmp_path / "single"
+    assert main(["continual", *grow, "train.batch_size=4", f"run.dir={single}"]) == 0
+    ep2 = tmp_path / "ep2"
+    proc = torchrun(["continual", *grow, "train.batch_size=2", "parallel.ep=2", f"run.dir={ep2}"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_same_stream(ep2, single)
+    grown = [state(run)["stages"][1]["vocab"] for run in (single, ep2)]
+    assert grown[0]["grew"] and grown[1]["new_tokens"] == grown[0]["new_tokens"]
+    assert proc.stdout.count("vocabulary: ru needs") == 1  # rank 0 prints
+    tokenizers = [HFTokenizer(run / "stages" / "01-ru" / "tokenizer") for run in (single, ep2)]
+    assert tokenizers[0].fingerprint() == tokenizers[1].fingerprint()
+    before, after = (load_file(c / "model.safetensors") for c in sorted((ep2 / ckpt.CHECKPOINT_DIR).iterdir()))
+    assert after["embed_tokens.weight"].shape[0] == size + grown[0]["new_tokens"]
+    assert torch.equal(after["embed_tokens.weight"][:size], before["embed_tokens.weight"])

@@ -7,9 +7,10 @@ from modular.continual.strategies.base import Strategy, register_strategy
 @register_strategy("add_freeze")
 class AddFreeze(Strategy):
     def build_pieces(self) -> list[policies.Policy]:
-        # the teacher (distillation) is copied before growth: the model as it was before the stage
-        return [policies.Distillation(self.cfg), policies.Growth(self.cfg), policies.Freezing(self.cfg),
-                policies.RouterReview(self.cfg)]
+        # the teacher (distillation) is copied before expert growth (and after vocabulary growth): the model as
+        # it was before the stage, reading the stage's tokens
+        return [policies.VocabularyGrowth(self.cfg), policies.Distillation(self.cfg), policies.Growth(self.cfg),
+                policies.Freezing(self.cfg), policies.RouterReview(self.cfg)]
 
     @classmethod
     def piece_types(cls):

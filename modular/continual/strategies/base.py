@@ -3,8 +3,8 @@
 `@register_strategy("name")` makes a `Strategy` subclass selectable as `continual.strategy=name`. A
 strategy says which batches each stage trains on (`mixture`) and lists its pieces (modular/continual/
 policies.py: growth, freezing, distillation, review, merging, or its own), whose hooks the stage loop
-runs through it. Distillation and the router review are in every strategy: they act when their keys
-(continual.distill_weight, continual.review_steps) ask for them.
+runs through it. Vocabulary growth, distillation and the router review are in every strategy: they act
+when their keys (continual.grow_vocab, continual.distill_weight, continual.review_steps) ask for them.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ register_strategy.__doc__ = "Class decorator: make a Strategy subclass selectabl
 
 
 class Strategy:
-    """Base class: train every stage on its own domain, with the universal pieces (distillation, review)."""
+    """Base class: train every stage on its own domain, with the universal pieces (vocabulary growth,
+    distillation, review)."""
 
     name = "strategy"
     one_process_only = False  # its state lives in one process (refused under torchrun)
     routes_by_domain = False  # its model routes rows by domain: evaluated under oracle and inferred routing
+    follows_vocabulary_growth = True  # False: it keeps a model of the old vocabulary (grow_vocab is refused)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -34,13 +36,13 @@ class Strategy:
 
     # -- what a subclass says -----------------------------------------------------------------
     def build_pieces(self) -> list[policies.Policy]:
-        """The policy pieces, in the order their hooks run."""
-        return [policies.Distillation(self.cfg), policies.RouterReview(self.cfg)]
+        """The policy pieces, in the order their hooks run (vocabulary growth first: the others see its result)."""
+        return [policies.VocabularyGrowth(self.cfg), policies.Distillation(self.cfg), policies.RouterReview(self.cfg)]
 
     @classmethod
     def piece_types(cls) -> list[type[policies.Policy]]:
         """The piece classes whose checks apply (validation runs before any piece exists)."""
-        return [policies.Distillation, policies.RouterReview]
+        return [policies.VocabularyGrowth, policies.Distillation, policies.RouterReview]
 
     @classmethod
     def grows_experts(cls) -> bool:
@@ -60,6 +62,12 @@ class Strategy:
                               f"started WORLD_SIZE={world_size}; under torchrun use one of: {allowed}.")
         for piece in cls.piece_types():
             piece.validate(cfg, world_size)
+
+    @classmethod
+    def check_run(cls, cfg, tokenizer, run_dir) -> None:
+        """Checks that need the data (the tokenizer) and the run folder, before anything is written."""
+        for piece in cls.piece_types():
+            piece.check_run(cfg, tokenizer, run_dir)
 
     # -- the stage hooks, run through every piece ------------------------------------------------
     def before_stage(self, run, model, s: int) -> None:

@@ -13,6 +13,8 @@ from modular.continual.strategies.base import register_strategy
 
 @register_strategy("lwf")
 class LwF(AvalancheStrategy):
+    follows_vocabulary_growth = False  # the saved teacher has the previous stage's vocabulary
+
     def attach(self, run, model, s: int, trainer) -> None:
         super().attach(run, model, s, trainer)
         if s > 0:
